@@ -1,0 +1,111 @@
+"""The severity rule: one documented way a severity setting changes an instruction.
+
+Rule: for every finding named in the instruction that is not negated, the severity word
+directly before it (after any "new"/"worsening"/laterality words) is replaced by the chosen
+one, or the chosen word is inserted before the laterality word (or before the finding when
+there is none). Devices and negated findings ("no pneumothorax", "without support devices",
+"pneumothorax has resolved") are left alone, as is everything when the severity is ``none``.
+
+The word used depends on the finding, as radiologists write it:
+
+============================================  ==========  ============  ==========
+finding                                       slight      moderate      large
+============================================  ==========  ============  ==========
+pleural effusion, pneumothorax                small       moderate      large
+cardiomegaly, edema, atelectasis,             mild        moderate      severe
+consolidation
+============================================  ==========  ============  ==========
+
+The result is what the model receives and what the user is shown, word for word.
+"""
+
+from __future__ import annotations
+
+import re
+
+SEVERITIES = ("none", "slight", "moderate", "large")
+
+_SIZE_WORDS = {"slight": "small", "moderate": "moderate", "large": "large"}
+_GRADE_WORDS = {"slight": "mild", "moderate": "moderate", "large": "severe"}
+
+# finding pattern -> word table. Longer phrases first so "pleural effusion" wins over "effusion".
+_FINDINGS: tuple[tuple[str, dict[str, str]], ...] = (
+    (r"pleural effusions?|effusions?", _SIZE_WORDS),
+    (r"pneumothora(?:x|ces)", _SIZE_WORDS),
+    (r"cardiomegaly", _GRADE_WORDS),
+    (r"(?:pulmonary |interstitial |alveolar )?edema|oedema", _GRADE_WORDS),
+    (r"atelectasis|atelectases", _GRADE_WORDS),
+    (r"consolidations?|airspace (?:disease|opacity|opacities)", _GRADE_WORDS),
+)
+_EXISTING = (
+    r"trace|tiny|minimal|slight|small|mild|moderate|moderately large|large|severe|marked"
+    r"|extensive|massive|significant|substantial"
+)
+# Laterality and location words that sit between the severity word and the finding.
+_LATERALITY = (
+    r"(?:right|left|bilateral|right-sided|left-sided)"
+    r"(?:\s+(?:upper|middle|lower|basilar|basal|apical|perihilar))?"
+    r"(?:\s+(?:lobe|lung|zone|base|apex))?"
+    r"|basilar|basal|perihilar"
+)
+_NEGATION = re.compile(
+    r"\b(?:no|without|not|resolved|resolution of|free of|absence of)"
+    r"(?:\s+(?:new|definite|evidence of|residual|significant|longer))*\s*$",
+    re.IGNORECASE,
+)
+_RESOLVED_AFTER = re.compile(r"^\s+(?:has |have |is |are )?(?:resolved|cleared|gone|removed)\b", re.I)
+
+
+def _severity_pattern(finding: str) -> re.Pattern[str]:
+    return re.compile(
+        rf"(?P<sev>\b(?:{_EXISTING})\s+)?(?P<lat>\b(?:{_LATERALITY})\s+)?"
+        rf"(?P<finding>\b(?:{finding})\b)",
+        re.IGNORECASE,
+    )
+
+
+_PATTERNS = tuple((_severity_pattern(f), words) for f, words in _FINDINGS)
+
+
+def apply_severity(instruction: str, severity: str) -> str:
+    """Rewrites ``instruction`` so each finding carries the chosen severity.
+
+    Args:
+        instruction: the progression description as typed.
+        severity: ``none`` (leave as typed), ``slight``, ``moderate`` or ``large``.
+
+    Returns:
+        The instruction exactly as it will be applied.
+
+    Raises:
+        ValueError: unknown severity.
+
+    Example:
+        >>> apply_severity("new right pleural effusion; heart size unchanged", "moderate")
+        'new moderate right pleural effusion; heart size unchanged'
+        >>> apply_severity("small left pneumothorax", "large")
+        'large left pneumothorax'
+        >>> apply_severity("no pneumothorax; worsening edema", "slight")
+        'no pneumothorax; worsening mild edema'
+        >>> apply_severity("left pneumothorax has resolved", "large")
+        'left pneumothorax has resolved'
+    """
+    if severity not in SEVERITIES:
+        raise ValueError(f"severity must be one of {', '.join(SEVERITIES)}, not {severity!r}")
+    if severity == "none":
+        return instruction
+    taken: list[tuple[int, int, str]] = []
+    for pattern, words in _PATTERNS:
+        for m in pattern.finditer(instruction):
+            if any(s < m.end() and m.start() < e for s, e, _ in taken):
+                continue  # overlaps a longer finding phrase already handled
+            if _NEGATION.search(instruction[: m.start()]) or _RESOLVED_AFTER.match(
+                instruction[m.end() :]
+            ):
+                continue
+            lat = m.group("lat") or ""
+            taken.append((m.start(), m.end(), f"{words[severity]} {lat}{m.group('finding')}"))
+    out = instruction
+    for start, end, text in sorted(taken, reverse=True):
+        out = out[:start] + text + out[end:]
+    return out
