@@ -342,11 +342,15 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_model_parts(model: str | os.PathLike[str]) -> ModelParts:
-    """Loads a model folder (or hub id) in float32 on the CPU, validated.
+def load_model_parts(
+    model: str | os.PathLike[str], *, torch_dtype: torch.dtype = torch.float32
+) -> ModelParts:
+    """Loads a model folder (or hub id) on the CPU, validated.
 
     Args:
         model: a local folder or a Hugging Face id.
+        torch_dtype: dtype of the VAE and UNet weights (the projection stays float32 until
+            moved).
 
     Returns:
         The parts; move them to a device with ``.to(...)``.
@@ -364,8 +368,10 @@ def load_model_parts(model: str | os.PathLike[str]) -> ModelParts:
     proj = _load_projection(root)
     validate_parts(card, _read_json(vae_dir / "config.json"), _read_json(unet_dir / "config.json"), proj)
     try:
-        vae = AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True)
-        unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True, torch_dtype=torch_dtype)
+        unet = UNet2DConditionModel.from_pretrained(
+            root / "unet", use_safetensors=True, torch_dtype=torch_dtype
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelFolderError(f"Could not load the networks in {root}: {exc}") from exc
     scheduler_config = _read_json(scheduler_dir / "scheduler_config.json")

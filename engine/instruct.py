@@ -1,0 +1,152 @@
+"""The BiomedJourney sampler: instruction-conditioned latent diffusion with dual guidance.
+
+The UNet sees the noisy latent concatenated with the prior image's latent (channel axis) and
+the progression description through cross-attention. Conventions (shared with the trainer, so
+that a model trained here samples correctly, and the same as InstructPix2Pix so that
+diffusers' ``StableDiffusionInstructPix2PixPipeline`` runs our weights unchanged):
+
+* the prior latent is the VAE posterior mode, *unscaled* (no ``latent_scaling``);
+* "no prior image" is an all-zero prior latent (:func:`null_image_latents`);
+* "no text" is the encoding of the empty string;
+* the noisy latent is scaled by ``latent_scaling`` as in Stable Diffusion.
+
+All three guidance branches run in one batched UNet call per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from engine.guidance import dual_cfg
+
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "dpmpp": DPMSolverMultistepScheduler,
+}
+_SCHEDULER_OPTIONS: dict[str, dict[str, object]] = {
+    "ddim": {},
+    "euler_a": {},
+    "dpmpp": {"algorithm_type": "dpmsolver++", "solver_order": 2},
+}
+
+StepCallback = Callable[[int, int], None]
+
+
+def make_scheduler(name: str, config: dict[str, object]):
+    """A fresh scheduler of kind ``name`` built on a model's saved noise schedule.
+
+    Schedulers keep per-run state, so every sampling call gets its own.
+
+    Args:
+        name: ``ddim``, ``euler_a`` (Euler ancestral) or ``dpmpp`` (DPM-Solver++ 2M).
+        config: the model's ``scheduler_config.json``.
+
+    Raises:
+        ValueError: unknown scheduler name.
+    """
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, not {name!r}")
+    return SCHEDULERS[name].from_config(config, **_SCHEDULER_OPTIONS[name])
+
+
+def null_image_latents(prior_latents: torch.Tensor) -> torch.Tensor:
+    """The "no prior image" condition: zeros shaped like the prior latent."""
+    return torch.zeros_like(prior_latents)
+
+
+def initial_noise(
+    shape: Sequence[int], generators: Sequence[torch.Generator], *, dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """Draws the starting noise, one generator per batch item.
+
+    Item ``i`` depends only on ``generators[i]``, so a batch equals the same items drawn one
+    at a time. Noise is drawn on the generators' device (the CPU) and then moved, so a seed
+    gives the same start on every device.
+    """
+    return torch.cat(
+        [randn_tensor((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generators]
+    ).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def sample_instruct(
+    unet: torch.nn.Module,
+    scheduler,
+    prior_latents: torch.Tensor,
+    text: torch.Tensor,
+    text_mask: torch.Tensor,
+    null_text: torch.Tensor,
+    null_mask: torch.Tensor,
+    *,
+    text_scale: torch.Tensor | float,
+    image_scale: torch.Tensor | float,
+    steps: int,
+    generators: Sequence[torch.Generator],
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Runs the reverse diffusion for a batch of (prior, instruction) pairs.
+
+    Args:
+        unet: UNet with ``in_channels == 2 * latent_channels``.
+        scheduler: a fresh diffusers scheduler (:func:`make_scheduler`).
+        prior_latents: ``(B, C, h, w)`` unscaled VAE modes of the priors.
+        text: ``(B, L, D)`` projected instruction embeddings.
+        text_mask: ``(B, L)`` bool, True for real tokens.
+        null_text: ``(1, L, D)`` projected embedding of the empty text.
+        null_mask: ``(1, L)``.
+        text_scale: ``s_txt``, a float or a ``(B,)`` tensor (per item).
+        image_scale: ``s_img``, a float or a ``(B,)`` tensor.
+        steps: denoising steps.
+        generators: one ``torch.Generator`` per item (start noise and ancestral noise).
+        callback: called as ``callback(step, steps)`` after every step.
+
+    Returns:
+        ``(B, C, h, w)`` denoised latents in the scaled latent space.
+    """
+    batch = prior_latents.shape[0]
+    if len(generators) != batch:
+        raise ValueError(f"need one generator per item: {len(generators)} for batch {batch}")
+    device, dtype = prior_latents.device, prior_latents.dtype
+    scheduler.set_timesteps(steps, device=device)
+    latents = initial_noise(prior_latents.shape, generators, dtype=dtype, device=device)
+    latents = latents * scheduler.init_noise_sigma
+
+    # Branch order: (text, image), (no text, image), (no text, no image).
+    null = null_text.to(device=device, dtype=dtype).expand(batch, -1, -1)
+    nmask = null_mask.to(device).expand(batch, -1)
+    encoder_states = torch.cat([text.to(device=device, dtype=dtype), null, null])  # (3B, L, D)
+    encoder_mask = torch.cat([text_mask.to(device), nmask, nmask])  # (3B, L)
+    attention_mask = None if bool(encoder_mask.all()) else encoder_mask.to(dtype)
+    image_cond = torch.cat([prior_latents, prior_latents, null_image_latents(prior_latents)])
+    s_txt = _per_item(text_scale, batch, device, dtype)
+    s_img = _per_item(image_scale, batch, device, dtype)
+
+    for i, t in enumerate(scheduler.timesteps):
+        model_in = scheduler.scale_model_input(torch.cat([latents] * 3), t)
+        model_in = torch.cat([model_in, image_cond], dim=1)  # (3B, 2C, h, w)
+        eps = unet(
+            model_in, t, encoder_hidden_states=encoder_states,
+            encoder_attention_mask=attention_mask,
+        ).sample
+        eps_full, eps_image, eps_uncond = eps.chunk(3)
+        eps = dual_cfg(eps_uncond, eps_image, eps_full, text_scale=s_txt, image_scale=s_img)
+        latents = scheduler.step(eps, t, latents, generator=list(generators)).prev_sample
+        if callback is not None:
+            callback(i + 1, steps)
+    return latents
+
+
+def _per_item(scale: torch.Tensor | float, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A guidance scale as a ``(B, 1, 1, 1)`` tensor for broadcasting."""
+    value = torch.as_tensor(scale, dtype=dtype, device=device).reshape(-1)
+    if value.numel() == 1:
+        value = value.expand(batch)
+    if value.numel() != batch:
+        raise ValueError(f"need one guidance scale or one per item, got {value.numel()} for {batch}")
+    return value.reshape(batch, 1, 1, 1)

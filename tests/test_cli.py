@@ -1,0 +1,98 @@
+"""``python -m engine``: success paths and bad-input exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.__main__ import main
+from engine.io import read_xray
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_edit_rg1_dicom_keeps_aspect_ratio(tiny_model, rg1_dicom, tmp_path, capsys):
+    out = tmp_path / "cf.png"
+    code = main(["edit", str(rg1_dicom), "--instruction", "new right pleural effusion", "--out", str(out),
+                 "--model", str(tiny_model), "--seed", "7", "--steps", "2", "--severity", "moderate",
+                 "--device", "cpu"])
+    assert code == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["instruction_applied"] == "new moderate right pleural effusion"
+    assert record["seed"] == 7 and record["model_hash"]
+    assert "patient_id" not in json.dumps(record["input"])
+    prior = read_xray(rg1_dicom)
+    result = read_xray(out)
+    assert result.pixels.shape == prior.pixels.shape  # the input's geometry, so its aspect ratio
+    assert result.meta.source_format == "png"
+
+
+def test_edit_is_reproducible_and_16_bit(tiny_model, rg1_dicom, tmp_path, capsys):
+    args = ["edit", str(rg1_dicom), "--instruction", "edema", "--model", str(tiny_model), "--seed", "1",
+            "--steps", "2", "--device", "cpu", "--bits", "16"]
+    assert main([*args, "--out", str(tmp_path / "a.png")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b.png")]) == 0
+    capsys.readouterr()
+    a, b = read_xray(tmp_path / "a.png"), read_xray(tmp_path / "b.png")
+    assert np.array_equal(a.pixels, b.pixels)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "a.png").mode.startswith("I")
+
+
+def test_info_prints_the_card(tiny_model, capsys):
+    assert main(["info", "--model", str(tiny_model)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["card"]["method"] == "instruct"
+    assert "not for diagnosis" in info["card"]["intended_use"]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["text_as_png", "missing_input", "missing_model", "empty_instruction", "bad_severity", "bad_out_dir"],
+)
+def test_bad_input_exits_2_with_one_line(case, tiny_model, rg1_dicom, tmp_path, capsys):
+    fake = tmp_path / "notes.png"
+    fake.write_text("this is not an image")
+    args = {
+        "text_as_png": ["edit", str(fake), "--instruction", "edema", "--out", str(tmp_path / "o.png"),
+                        "--model", str(tiny_model)],
+        "missing_input": ["edit", str(tmp_path / "nope.dcm"), "--instruction", "edema", "--out",
+                          str(tmp_path / "o.png"), "--model", str(tiny_model)],
+        "missing_model": ["edit", str(rg1_dicom), "--instruction", "edema", "--out", str(tmp_path / "o.png"),
+                          "--model", str(tmp_path / "no-model")],
+        "empty_instruction": ["edit", str(rg1_dicom), "--instruction", " ", "--out", str(tmp_path / "o.png"),
+                              "--model", str(tiny_model)],
+        "bad_severity": ["edit", str(rg1_dicom), "--instruction", "edema", "--out", str(tmp_path / "o.png"),
+                         "--severity", "enormous"],
+        "bad_out_dir": ["edit", str(rg1_dicom), "--instruction", "edema", "--steps", "1",
+                        "--out", str(tmp_path / "no" / "such" / "dir" / "o.png"), "--model", str(tiny_model)],
+    }[case]
+    if case == "bad_severity":  # argparse's own error path
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        code = exc.value.code
+    else:
+        code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_subprocess_bad_file_has_no_traceback(tmp_path):
+    fake = tmp_path / "x.dcm"
+    fake.write_bytes(b"\x00" * 300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine", "edit", str(fake), "--instruction", "edema", "--out",
+         str(tmp_path / "o.png")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error:")
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,156 @@
+"""Engine: counterfactuals on a tiny random model (CPU, fp32)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import engine
+from engine import EditRequest, InputError
+
+
+def _prior(h: int = 80, w: int = 60, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = 0.5 + 0.3 * np.sin(xx / 7.0) * np.cos(yy / 9.0) + 0.05 * rng.standard_normal((h, w))
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def test_counterfactual_shapes_and_record(tiny_engine):
+    prior = _prior(80, 60)
+    cf = tiny_engine.counterfactual(prior, "new right pleural effusion", severity="large", seed=3, steps=4)
+    assert cf.image.shape == (64, 64) and cf.image.dtype == np.float32
+    assert cf.image_input.shape == prior.shape  # mapped back onto the input geometry
+    assert 0.0 <= cf.image.min() and cf.image.max() <= 1.0
+    assert cf.instruction_applied == "new large right pleural effusion"
+    assert cf.request.seed == 3 and cf.request.steps == 4
+    assert cf.model_hash == tiny_engine.model_hash and len(cf.model_hash) == 64
+    assert cf.synthetic
+    assert set(cf.timings) == {"text", "encode", "denoise", "decode", "total"}
+    prov = cf.provenance()
+    assert prov["synthetic"] and "not for diagnosis" in prov["notice"]
+    assert prov["seed"] == 3 and prov["instruction_applied"] == cf.instruction_applied
+
+
+def test_same_seed_same_pixels_other_seed_other_pixels(tiny_engine):
+    prior = _prior()
+    a = tiny_engine.counterfactual(prior, "new left pneumothorax", seed=11, steps=3)
+    b = tiny_engine.counterfactual(prior, "new left pneumothorax", seed=11, steps=3)
+    c = tiny_engine.counterfactual(prior, "new left pneumothorax", seed=12, steps=3)
+    assert np.array_equal(a.image, b.image)
+    assert not np.array_equal(a.image, c.image)
+
+
+def test_random_seed_is_drawn_and_recorded(tiny_engine):
+    cf = tiny_engine.counterfactual(_prior(), "worsening edema", steps=2)
+    assert isinstance(cf.request.seed, int)
+    again = tiny_engine.counterfactual(_prior(), "worsening edema", steps=2, seed=cf.request.seed)
+    assert np.array_equal(cf.image, again.image)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpmpp"])
+def test_batch_equals_single_calls(tiny_engine, scheduler):
+    prior = _prior()
+    requests = [
+        EditRequest("new right pleural effusion", seed=1, steps=3, scheduler=scheduler),
+        EditRequest("without support devices", seed=2, steps=3, scheduler=scheduler, text_guidance=3.0),
+        EditRequest("new right pleural effusion", seed=5, steps=3, scheduler=scheduler, image_guidance=1.0),
+    ]
+    batch = tiny_engine.counterfactuals(prior, requests)
+    for request, result in zip(requests, batch):
+        single = tiny_engine.counterfactual(prior, request)
+        np.testing.assert_allclose(result.image, single.image, atol=1e-5)
+        assert result.request == single.request
+
+
+def test_instruction_changes_the_output(tiny_engine):
+    prior = _prior()
+    a = tiny_engine.counterfactual(prior, "new right pleural effusion", seed=0, steps=3)
+    b = tiny_engine.counterfactual(prior, "without support devices", seed=0, steps=3)
+    assert np.abs(a.image - b.image).max() > 1e-4
+
+
+def test_mixed_steps_in_one_call_keep_order(tiny_engine):
+    prior = _prior()
+    requests = [EditRequest("edema", seed=1, steps=2), EditRequest("edema", seed=1, steps=3),
+                EditRequest("edema", seed=1, steps=2)]
+    out = tiny_engine.counterfactuals(prior, requests)
+    assert [r.request.steps for r in out] == [2, 3, 2]
+    np.testing.assert_allclose(out[0].image, out[2].image, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "message"),
+    [
+        ({"instruction": ""}, "empty"),
+        ({"instruction": "   \n\t"}, "empty"),
+        ({"instruction": "x" * 10_000}, "10000 characters"),
+        ({"instruction": "edema", "severity": "huge"}, "severity must be one of"),
+        ({"instruction": "edema", "steps": 0}, "steps must be"),
+        ({"instruction": "edema", "text_guidance": float("nan")}, "text_guidance"),
+        ({"instruction": "edema", "scheduler": "pndm"}, "scheduler must be one of"),
+        ({"instruction": "edema", "seed": -1}, "seed must be"),
+    ],
+)
+def test_bad_requests_are_input_errors(tiny_engine, request_kwargs, message):
+    with pytest.raises(InputError, match=message):
+        tiny_engine.counterfactual(_prior(), **request_kwargs)
+
+
+def test_non_ascii_instruction_is_accepted(tiny_engine):
+    cf = tiny_engine.counterfactual(_prior(), "Pleuraerguss rechts, größer — 右侧胸腔积液", seed=0, steps=2)
+    assert cf.image.shape == (64, 64)
+
+
+def test_bad_priors_are_input_errors(tiny_engine):
+    with pytest.raises(InputError, match="2-D"):
+        tiny_engine.counterfactual(np.zeros((4, 64, 64), np.float32), "edema")
+    bad = _prior()
+    bad[0, 0] = np.nan
+    with pytest.raises(InputError):
+        tiny_engine.counterfactual(bad, "edema")
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        tiny_engine.counterfactual(_prior() * 300, "edema")
+
+
+def test_threads_share_one_engine(tiny_engine):
+    prior = _prior()
+    expected = {s: tiny_engine.counterfactual(prior, "edema", seed=s, steps=2).image for s in range(4)}
+    got: dict[int, np.ndarray] = {}
+
+    def work(seed: int) -> None:
+        got[seed] = tiny_engine.counterfactual(prior, "edema", seed=seed, steps=2).image
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in range(4):
+        assert np.array_equal(got[s], expected[s])
+
+
+def test_missing_default_model_says_how_to_pass_one(monkeypatch, tmp_path):
+    from engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "DEFAULT_MODEL", tmp_path / "journey-mini")
+    with pytest.raises(engine.ModelFolderError, match="--model"):
+        engine.load()
+
+
+def test_info_has_card_and_hash(tiny_engine):
+    info = tiny_engine.info()
+    assert info["card"]["name"] == "tiny-test"
+    assert info["model_hash"] == tiny_engine.model_hash
+    assert info["device"] == "cpu" and info["dtype"] == "float32"
+
+
+def test_withheld_prior_ignores_the_prior(tiny_engine):
+    a = tiny_engine.counterfactuals(_prior(seed=0), [EditRequest("edema", seed=4, steps=3)], withhold_prior=True)[0]
+    b = tiny_engine.counterfactuals(_prior(seed=1) * 0.5, [EditRequest("edema", seed=4, steps=3)], withhold_prior=True)[0]
+    c = tiny_engine.counterfactuals(_prior(seed=0), [EditRequest("edema", seed=4, steps=3)])[0]
+    assert np.array_equal(a.image, b.image)  # the prior does not reach the model
+    assert not np.array_equal(a.image, c.image)
+    assert a.prior_withheld and "text only" in a.provenance()["method"]
