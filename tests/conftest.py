@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures_io import dicom_test_file
 
 TINY_RESOLUTION = 64
 
@@ -101,16 +102,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def dicom_test_file(name: str) -> Path:
-    """Path of a DICOM shipped by pydicom or the pydicom-data package (found locally, offline)."""
-    from pydicom.data import get_testdata_file
-
-    path = get_testdata_file(name)
-    if path is None:
-        pytest.fail(f"{name} is not in pydicom's or pydicom-data's local files")
-    return Path(path)
 
 
 @pytest.fixture(scope="session")
