@@ -260,13 +260,8 @@ class Engine:
         """Letterboxes an input onto the model's square canvas.
 
         Raises:
-            InputError: not a 2-D image in [0, 1].
+            InputError: not a finite 2-D image in [0, 1] (see :func:`engine.io.check_intensity`).
         """
-        if isinstance(image, np.ndarray):
-            if image.ndim != 2 or not np.isfinite(image).all():
-                raise InputError("The prior must be a finite 2-D greyscale image")
-            if image.min() < 0 or image.max() > 1:
-                raise InputError("The prior's values must lie in [0, 1]")
         return to_square(image, self.resolution)
 
     # -- the API ------------------------------------------------------------------------------
