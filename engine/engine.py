@@ -282,15 +282,19 @@ class Engine:
         return self.counterfactuals(image, [request])[0]
 
     def counterfactuals(
-        self, image: XRay | np.ndarray, requests: Sequence[EditRequest], *, withhold_prior: bool = False
+        self,
+        images: XRay | np.ndarray | Sequence[XRay | np.ndarray],
+        requests: Sequence[EditRequest],
+        *,
+        withhold_prior: bool = False,
     ) -> list[Counterfactual]:
-        """Makes several counterfactuals of one prior in batched UNet calls.
+        """Makes several counterfactuals in batched UNet calls.
 
         Requests with the same steps and scheduler share one batch; each item keeps its own
-        seed, instruction and guidance scales, so the results equal single calls.
+        prior, seed, instruction and guidance scales, so the results equal single calls.
 
         Args:
-            image: the prior radiograph.
+            images: one prior for every request, or a list with one prior per request.
             requests: what to make.
             withhold_prior: generate from the text alone (the "text-only" baseline of the
                 evaluation: the prior is replaced by the "no image" condition in every branch,
@@ -302,7 +306,12 @@ class Engine:
         if not requests:
             return []
         requests = [r.validated() for r in requests]
-        prior_np, transform = self.prepare(image)
+        if isinstance(images, (list, tuple)):
+            if len(images) != len(requests):
+                raise InputError(f"got {len(images)} priors for {len(requests)} requests; give one or one each")
+            prepared = [self.prepare(image) for image in images]
+        else:
+            prepared = [self.prepare(images)] * len(requests)
         results: dict[int, Counterfactual] = {}
         groups: dict[tuple[int, str], list[int]] = {}
         for i, r in enumerate(requests):
@@ -310,8 +319,10 @@ class Engine:
         with self._lock:
             for (steps, scheduler_name), index in groups.items():
                 batch = [requests[i] for i in index]
-                images, timings = self._generate(prior_np, batch, steps, scheduler_name, withhold_prior)
-                for i, r, img in zip(index, batch, images):
+                priors = [prepared[i][0] for i in index]
+                outputs, timings = self._generate(priors, batch, steps, scheduler_name, withhold_prior)
+                for i, r, img in zip(index, batch, outputs):
+                    prior_np, transform = prepared[i]
                     results[i] = Counterfactual(
                         image=img,
                         image_input=transform.invert(img),
@@ -329,7 +340,7 @@ class Engine:
         return [results[i] for i in range(len(requests))]
 
     def _generate(
-        self, prior_np: np.ndarray, batch: list[EditRequest], steps: int, scheduler_name: str,
+        self, priors: list[np.ndarray], batch: list[EditRequest], steps: int, scheduler_name: str,
         withhold_prior: bool = False,
     ) -> tuple[list[np.ndarray], dict[str, float]]:
         t0 = time.perf_counter()
@@ -337,8 +348,13 @@ class Engine:
         text, text_mask = self._embed(texts)
         null, null_mask = self._embed([""])
         t1 = time.perf_counter()
-        prior = torch.from_numpy(prior_np)[None, None]  # (1, 1, S, S)
-        prior_latents = self.encode_prior(prior).expand(len(batch), -1, -1, -1)
+        # Encode each distinct prior once (a journey repeats one prior for every rung).
+        distinct = {id(p): p for p in priors}
+        order = list(distinct)
+        latents_by_id = dict(zip(order, self.encode_prior(
+            torch.from_numpy(np.stack([distinct[k] for k in order]))[:, None]  # (P, 1, S, S)
+        )))
+        prior_latents = torch.stack([latents_by_id[id(p)] for p in priors])  # (B, C, h, w)
         if withhold_prior:
             prior_latents = null_image_latents(prior_latents)
         t2 = time.perf_counter()

@@ -154,3 +154,15 @@ def test_withheld_prior_ignores_the_prior(tiny_engine):
     assert np.array_equal(a.image, b.image)  # the prior does not reach the model
     assert not np.array_equal(a.image, c.image)
     assert a.prior_withheld and "text only" in a.provenance()["method"]
+
+
+def test_several_priors_in_one_batch_equal_single_calls(tiny_engine):
+    priors = [_prior(80, 60, seed=0), _prior(50, 90, seed=1), _prior(64, 64, seed=2)]
+    requests = [EditRequest("new right pleural effusion", seed=s, steps=3) for s in (1, 2, 3)]
+    batch = tiny_engine.counterfactuals(priors, requests)
+    for prior, request, result in zip(priors, requests, batch):
+        single = tiny_engine.counterfactual(prior, request)
+        np.testing.assert_allclose(result.image, single.image, atol=1e-5)
+        assert result.image_input.shape == prior.shape
+    with pytest.raises(InputError, match="2 priors for 3 requests"):
+        tiny_engine.counterfactuals(priors[:2], requests)
