@@ -1,0 +1,234 @@
+"""Anatomy segmentation: masks as ``name -> bool (H, W)``, and anatomy retention by Dice.
+
+Backends:
+
+* :class:`XRVSegmenter`: torchxrayvision's ChestX-Det PSPNet (14 structures, 512 px,
+  [-1024, 1024] input) when its weights are present.
+* :class:`SmallSegmenter`: the bundled small U-Net (:mod:`engine.analysis.smallnet`) otherwise.
+
+Structure names are snake_case; lungs (and clavicles, scapulae, hila) are the PATIENT's sides,
+as in the simulator's masks (``left_lung`` appears on the image's right). PSPNet's names map as
+in :data:`PSPNET_STRUCTURES` ("Weasand" is the trachea, "Facies Diaphragmatica" the diaphragm).
+
+Dice between the prior's and the counterfactual's masks says whether the anatomy the edit was
+not asked to touch stayed where it was (:func:`anatomy_retention`).
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from engine.analysis import smallnet, xrv
+from engine.analysis._images import as_unit_batch
+from engine.analysis.classifier import resize_square
+from engine.analysis.metrics import dice
+from engine.errors import InputError
+
+PSPNET_STRUCTURES = {
+    "Left Clavicle": "left_clavicle",
+    "Right Clavicle": "right_clavicle",
+    "Left Scapula": "left_scapula",
+    "Right Scapula": "right_scapula",
+    "Left Lung": "left_lung",
+    "Right Lung": "right_lung",
+    "Left Hilus Pulmonis": "left_hilum",
+    "Right Hilus Pulmonis": "right_hilum",
+    "Heart": "heart",
+    "Aorta": "aorta",
+    "Facies Diaphragmatica": "diaphragm",
+    "Mediastinum": "mediastinum",
+    "Weasand": "trachea",
+    "Spine": "spine",
+}
+"""torchxrayvision PSPNet target -> this project's structure name."""
+
+BUNDLED_SEGMENTER = Path(__file__).resolve().parents[2] / "assets" / "models" / "cxr-segmenter-mini"
+"""Where the demo-model issue puts the bundled small segmenter folder."""
+
+
+class Segmenter(abc.ABC):
+    """Anatomy segmentation on [0, 1] images.
+
+    Attributes:
+        name: what to call it in reports.
+        structures: output structure names, in channel order.
+        input_resolution: square side the network runs at.
+        device: where its weights are.
+    """
+
+    name: str
+    structures: tuple[str, ...]
+    input_resolution: int
+    device: torch.device
+
+    @abc.abstractmethod
+    def logits(self, x01: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, R, R)`` [0, 1] images at :attr:`input_resolution` to logits ``(B, S, r, r)``."""
+
+    @torch.no_grad()
+    def probabilities(self, images: Any, batch_size: int = 8) -> torch.Tensor:
+        """``(B, S, H, W)`` per-structure probabilities on the input's grid."""
+        x = as_unit_batch(images)
+        size = x.shape[-2:]
+        out = []
+        for i in range(0, x.shape[0], batch_size):
+            xb = resize_square(x[i : i + batch_size].to(self.device), self.input_resolution)
+            p = torch.sigmoid(self.logits(xb).float())
+            out.append(F.interpolate(p, size=size, mode="bilinear", align_corners=False).cpu())
+        return torch.cat(out)
+
+    def segment(self, images: Any, threshold: float = 0.5, batch_size: int = 8) -> list[dict[str, np.ndarray]]:
+        """Masks per image: ``[{structure: bool (H, W)}, ...]`` on the input's grid.
+
+        Raises:
+            InputError: bad images, or a threshold outside (0, 1).
+        """
+        if not 0 < threshold < 1:
+            raise InputError(f"the mask threshold must be in (0, 1), not {threshold}")
+        probs = self.probabilities(images, batch_size).numpy() >= threshold
+        return [{name: probs[b, k] for k, name in enumerate(self.structures)} for b in range(probs.shape[0])]
+
+
+class XRVSegmenter(Segmenter):
+    """torchxrayvision's ChestX-Det PSPNet. Build with :func:`load_xrv_segmenter`."""
+
+    def __init__(self, module: Any, device: torch.device | str = "cpu") -> None:
+        self.module = module.to(device).eval()
+        self.device = torch.device(device)
+        self.name = "torchxrayvision chestx_det PSPNet"
+        self.structures = tuple(PSPNET_STRUCTURES.get(t, t.lower().replace(" ", "_")) for t in module.targets)
+        self.input_resolution = xrv.PSPNET_RESOLUTION
+
+    def logits(self, x01: torch.Tensor) -> torch.Tensor:
+        # the package's forward: grey -> 3 channels, [-1024, 1024] -> [0, 1] -> ImageNet norm
+        return self.module(xrv.to_xrv_range(x01))
+
+
+def load_xrv_segmenter(cache_dir: str | os.PathLike[str] | None = None, device: torch.device | str = "cpu") -> XRVSegmenter:
+    """torchxrayvision's PSPNet, loaded offline.
+
+    Raises:
+        InputError: the weight file is missing (saying which file to place where).
+    """
+    return XRVSegmenter(xrv.load_pspnet_module(cache_dir), device)
+
+
+class SmallSegmenter(Segmenter):
+    """The bundled small U-Net (``cxr-small-unet``), from a folder."""
+
+    def __init__(self, net: smallnet.SmallUNet, card: smallnet.SmallNetCard | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        if net.config.kind != "segmenter":
+            raise InputError(f"SmallSegmenter needs a segmenter network, not a {net.config.kind}")
+        self.net = net.to(device).eval()
+        self.card = card or smallnet.SmallNetCard(name="small-segmenter")
+        self.name = self.card.name
+        self.structures = tuple(net.config.targets)
+        self.input_resolution = net.config.input_resolution
+        self.input_range = net.config.input_range
+        self.device = torch.device(device)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str], device: torch.device | str = "cpu") -> SmallSegmenter:
+        """Reads a segmenter folder.
+
+        Raises:
+            ModelFolderError: missing files, wrong kind, or mismatched weights.
+        """
+        net, card = smallnet.load(folder, kind="segmenter")
+        return cls(net, card, device)  # type: ignore[arg-type]
+
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        """Writes the folder (config, safetensors weights, card)."""
+        return smallnet.save(self.net, folder, self.card)
+
+    def logits(self, x01: torch.Tensor) -> torch.Tensor:
+        return self.net(smallnet.to_net_range(x01, self.input_range))
+
+
+def load_segmenter(spec: str | os.PathLike[str] = "auto", *, cache_dir: str | os.PathLike[str] | None = None,
+                   device: torch.device | str = "cpu") -> Segmenter:
+    """A segmenter by name.
+
+    Args:
+        spec: ``xrv`` (PSPNet), a small-segmenter folder, or ``auto``: PSPNet when its weights
+            are present, else the bundled small segmenter.
+        cache_dir: torchxrayvision weight folder.
+        device: where to run.
+
+    Raises:
+        InputError: nothing usable is installed (the message says what to place where).
+    """
+    spec = str(spec)
+    if spec == "auto":
+        if xrv.available("pspnet", cache_dir):
+            return load_xrv_segmenter(cache_dir, device)
+        if (BUNDLED_SEGMENTER / smallnet.CONFIG_NAME).is_file():
+            return SmallSegmenter.load(BUNDLED_SEGMENTER, device)
+        wf = xrv.pspnet_weight_file(cache_dir)
+        raise InputError(
+            f"No anatomy segmenter is installed: place {wf.filename} in {wf.folder} (from {wf.url}) for "
+            f"torchxrayvision's PSPNet, or a small-segmenter folder at {BUNDLED_SEGMENTER}, or pass a "
+            "segmenter folder"
+        )
+    if spec == "xrv":
+        return load_xrv_segmenter(cache_dir, device)
+    if Path(spec).is_dir():
+        return SmallSegmenter.load(spec, device)
+    raise InputError(f"Unknown segmenter {spec!r}: use auto, xrv or a small-segmenter folder")
+
+
+def mask_dice(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, float]:
+    """Dice per structure present in both mask sets (or in ``names``).
+
+    Raises:
+        InputError: a named structure is missing from either set, or shapes differ.
+    """
+    names = [n for n in a if n in b] if names is None else list(names)
+    missing = [n for n in names if n not in a or n not in b]
+    if missing:
+        raise InputError(f"structures {missing} are not in both mask sets")
+    return {n: dice(a[n], b[n]) for n in names}
+
+
+def anatomy_retention(segmenter: Segmenter, prior: Any, counterfactual: Any,
+                      exclude: Sequence[str] = ()) -> dict[str, float]:
+    """Dice between the segmenter's masks on the prior and on the counterfactual.
+
+    Args:
+        segmenter: any backend.
+        prior, counterfactual: ``(H, W)`` [0, 1] images of one size.
+        exclude: structures the edit was meant to change (e.g. ``heart`` for cardiomegaly).
+
+    Returns:
+        structure -> Dice, plus ``"mean"`` over them.
+    """
+    masks = segmenter.segment(torch.cat([as_unit_batch(prior), as_unit_batch(counterfactual)]))
+    names = [n for n in segmenter.structures if n not in set(exclude)]
+    scores = mask_dice(masks[0], masks[1], names)
+    scores["mean"] = float(np.mean(list(scores.values()))) if scores else float("nan")
+    return scores
+
+
+def decode_bitmask(packed: np.ndarray, bits: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """Unpacks an integer mask image whose bit ``k`` is one structure (the simulator's mask PNGs).
+
+    Args:
+        packed: ``(H, W)`` unsigned integer array.
+        bits: structure name -> bit index.
+
+    Raises:
+        InputError: the array is not of an unsigned integer type.
+    """
+    packed = np.asarray(packed)
+    if packed.dtype.kind != "u":
+        raise InputError(f"a packed mask must hold unsigned integers, not {packed.dtype}")
+    return {name: ((packed >> bit) & 1).astype(bool) for name, bit in bits.items()}

@@ -1,0 +1,125 @@
+"""Segmentation: the small segmenter folder, masks as dicts, Dice on simulator masks, PSPNet
+loading plumbing and the auto fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.analysis import segmentation as seg
+from engine.analysis import smallnet, xrv
+from engine.errors import InputError
+
+STRUCTURES = ("right_lung", "left_lung", "heart")
+
+
+def tiny_segmenter(seed: int = 0) -> seg.SmallSegmenter:
+    config = smallnet.SmallNetConfig(kind="segmenter", targets=STRUCTURES, input_resolution=32, widths=(8, 16), groups=4)
+    return seg.SmallSegmenter(smallnet.build(config, torch.Generator().manual_seed(seed)), smallnet.SmallNetCard(name="tiny-seg"))
+
+
+@pytest.fixture(scope="module")
+def cardiomegaly_pair():
+    """A simulated prior and its exact counterfactual with a large heart (same acquisition)."""
+    from train.simulator.anatomy import sample_patient
+    from train.simulator.params import Findings, Severity
+    from train.simulator.render import render
+
+    patient = sample_patient(np.random.default_rng(11))
+    prior = render(patient, size=128, noise_seed=1)
+    cf = render(patient, Findings(cardiomegaly=Severity(0.9)), size=128, noise_seed=1)
+    return prior, cf
+
+
+def test_small_segmenter_round_trip_and_mask_dicts(tmp_path):
+    s = tiny_segmenter(seed=2)
+    folder = s.save(tmp_path / "seg")
+    loaded = seg.SmallSegmenter.load(folder)
+    x = torch.rand(2, 1, 48, 48, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded.probabilities(x), s.probabilities(x))
+    masks = loaded.segment(x)
+    assert len(masks) == 2 and list(masks[0]) == list(STRUCTURES)
+    assert all(m.dtype == bool and m.shape == (48, 48) for m in masks[0].values())
+    with pytest.raises(InputError, match="threshold"):
+        loaded.segment(x, threshold=1.5)
+    assert smallnet.parameter_count(smallnet.build(smallnet.SmallNetConfig(kind="segmenter", targets=STRUCTURES))) < 2_000_000
+
+
+def test_small_unet_output_is_full_resolution():
+    s = tiny_segmenter()
+    assert s.logits(torch.rand(1, 1, 32, 32)).shape == (1, 3, 32, 32)
+
+
+def test_dice_on_simulator_masks_sees_the_enlarged_heart(cardiomegaly_pair):
+    prior, cf = cardiomegaly_pair
+    scores = seg.mask_dice(prior.masks, cf.masks, ["heart", "spine", "clavicles", "trachea"])
+    assert scores["spine"] == 1.0 and scores["clavicles"] == 1.0  # the body frame is untouched
+    assert scores["heart"] < 0.95  # the heart grew
+    assert cf.masks["heart"].sum() > 1.1 * prior.masks["heart"].sum()
+    with pytest.raises(InputError, match="not in both"):
+        seg.mask_dice({"heart": prior.masks["heart"]}, {}, ["heart"])
+
+
+def test_decode_bitmask_matches_the_simulator(cardiomegaly_pair):
+    from train.simulator.anatomy import MASK_BITS
+
+    prior, _ = cardiomegaly_pair
+    decoded = seg.decode_bitmask(prior.bits, MASK_BITS)
+    for name, mask in prior.masks.items():
+        np.testing.assert_array_equal(decoded[name], mask)
+    with pytest.raises(InputError, match="unsigned"):
+        seg.decode_bitmask(prior.bits.astype(np.float32), MASK_BITS)
+
+
+def test_anatomy_retention_of_identical_images_is_perfect(cardiomegaly_pair):
+    prior, _ = cardiomegaly_pair
+    s = tiny_segmenter()
+    scores = seg.anatomy_retention(s, prior.image, prior.image, exclude=("heart",))
+    assert set(scores) == {"right_lung", "left_lung", "mean"} and scores["mean"] == 1.0
+
+
+def test_pspnet_loads_through_the_package_constructor(tmp_path):
+    from torchxrayvision.baseline_models.chestx_det.ptsemseg.pspnet import pspnet
+
+    with pytest.raises(InputError, match="pspnet_chestxray_best_model_4.pth"):
+        seg.load_xrv_segmenter(cache_dir=tmp_path)
+    torch.manual_seed(0)
+    net = pspnet(14)
+    # the package's layout: a DataParallel state dict ("module." prefixes); fp16 keeps the file small
+    state = {f"module.{k}": v.half() for k, v in net.state_dict().items()}
+    torch.save(state, xrv.pspnet_weight_file(tmp_path).path)
+    s = seg.load_segmenter("xrv", cache_dir=tmp_path)
+    assert isinstance(s, seg.XRVSegmenter) and s.input_resolution == 512
+    assert s.structures == ("left_clavicle", "right_clavicle", "left_scapula", "right_scapula", "left_lung", "right_lung",
+                            "left_hilum", "right_hilum", "heart", "aorta", "diaphragm", "mediastinum", "trachea", "spine")
+    loaded = s.module.model.state_dict()
+    key = next(k for k in loaded if k.endswith("weight"))
+    torch.testing.assert_close(loaded[key], state[f"module.{key}"].float())
+
+
+def test_xrv_segmenter_feeds_the_package_its_range():
+    seen = {}
+
+    class Fake(torch.nn.Module):
+        targets = list(seg.PSPNET_STRUCTURES)
+
+        def forward(self, x):
+            seen["range"] = (float(x.min()), float(x.max()), tuple(x.shape))
+            return torch.full((x.shape[0], 14, 512, 512), -10.0)
+
+    s = seg.XRVSegmenter(Fake())
+    img = np.zeros((64, 64), np.float32)
+    img[0, 0] = 1.0
+    masks = s.segment(img)
+    assert seen["range"][:2] == (-1024.0, 1024.0) and seen["range"][2] == (1, 1, 512, 512)
+    assert masks[0]["heart"].shape == (64, 64) and not masks[0]["heart"].any()
+
+
+def test_load_segmenter_auto_falls_back_and_explains(tmp_path, monkeypatch):
+    monkeypatch.setattr(seg, "BUNDLED_SEGMENTER", tmp_path / "none")
+    with pytest.raises(InputError, match="No anatomy segmenter is installed: place pspnet_chestxray_best_model_4.pth"):
+        seg.load_segmenter("auto", cache_dir=tmp_path)
+    folder = tiny_segmenter().save(tmp_path / "bundled")
+    monkeypatch.setattr(seg, "BUNDLED_SEGMENTER", folder)
+    assert isinstance(seg.load_segmenter("auto", cache_dir=tmp_path), seg.SmallSegmenter)
