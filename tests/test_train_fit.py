@@ -1,0 +1,122 @@
+"""The trainer: config loading, a tiny run whose loss falls, exact resume, every stage, export to the engine."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.errors import InputError
+from train.config import load_config
+from train.fit import TrainingInterrupted, fit, latest_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "train" / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def sim_data(tmp_path_factory) -> Path:
+    """A small simulated data set (8 patients x 4 visits, 128 px)."""
+    from train.simulator.writer import SimulationConfig, write_dataset
+
+    out = tmp_path_factory.mktemp("sim")
+    write_dataset(SimulationConfig(out=str(out), patients=8, visits=4, size=128, seed=3))
+    return out
+
+
+def _cfg(tmp: Path, sim: Path, name: str, **over):
+    base = {"manifest": str(sim / "pairs.jsonl"), "out_dir": str(tmp / name), "resolution": 32, "batch_size": 4,
+            "steps": 6, "ckpt_every": 3, "log_every": 1, "progress": False, "simulate": 0, "warmup_steps": 0}
+    return load_config(TINY, {**base, **over})
+
+
+def test_config_overrides_are_typed(tmp_path):
+    cfg = load_config(TINY, ["--lr=3e-5", "--ema=false", "--splits=train,test", "--init_from=none", "--steps=7"])
+    assert cfg.lr == 3e-5 and cfg.ema is False and cfg.splits == ("train", "test") and cfg.init_from is None
+    assert cfg.steps == 7 and cfg.stage == "stage2" and cfg.resolution == 64
+    with pytest.raises(InputError, match="unknown key.*known keys"):
+        load_config(TINY, ["--learning_rate=1"])
+    with pytest.raises(InputError, match="steps must be an integer"):
+        load_config(TINY, ["--steps=1.5"])
+    with pytest.raises(InputError, match="ema must be true or false"):
+        load_config(TINY, ["--ema=maybe"])
+    with pytest.raises(InputError, match="stage must be one of"):
+        load_config(TINY, ["--stage=stage3"])
+    for name in ("biomedjourney-stage1", "biomedjourney-stage2", "prism"):
+        paper = load_config(ROOT / "train" / "configs" / f"{name}.yaml")
+        assert paper.lr == 1e-4 and paper.resolution == 256
+
+
+def test_tiny_run_loss_falls(tmp_path, sim_data):
+    cfg = _cfg(tmp_path, sim_data, "falls", steps=40, log_every=10, ckpt_every=40, lr=2e-3, hflip=0.0,
+               drop_text=0.0, drop_image=0.0, drop_both=0.0)
+    fit(cfg)
+    with (Path(cfg.out_dir) / "log.csv").open() as fh:
+        losses = [float(r["loss"]) for r in csv.DictReader(fh)]
+    assert len(losses) == 4
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_resume_after_interruption_continues_identically(tmp_path, sim_data):
+    straight = _cfg(tmp_path, sim_data, "straight")
+    fit(straight)
+    broken = _cfg(tmp_path, sim_data, "broken")
+    with pytest.raises(TrainingInterrupted):
+        fit(broken, stop_at_step=4)  # dies after step 4; the last checkpoint is step 3
+    assert latest_checkpoint(broken.out_dir).name == "step-0000003"
+    fit(broken)  # resumes from step 3
+    a, b = latest_checkpoint(straight.out_dir), latest_checkpoint(broken.out_dir)
+    assert a.name == b.name == "step-0000006"
+    for part in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        ta, tb = load_file(str(a / part)), load_file(str(b / part))
+        assert ta.keys() == tb.keys()
+        for key in ta:
+            assert torch.equal(ta[key], tb[key]), (part, key)
+    with open(Path(broken.out_dir) / "log.csv") as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_export_is_accepted_by_the_engine(tmp_path, sim_data, rg1_dicom, capsys):
+    import json
+
+    from engine.__main__ import main as engine_main
+    from train.__main__ import main as train_main
+
+    cfg = _cfg(tmp_path, sim_data, "exp", steps=2, ckpt_every=2)
+    fit(cfg)
+    model = tmp_path / "model"
+    assert train_main(["export", "--run", cfg.out_dir, "--out", str(model)]) == 0
+    capsys.readouterr()
+    assert engine_main(["info", "--model", str(model)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    card = info["card"]
+    assert card["method"] == "instruct" and card["resolution"] == 32 and card["extra"]["steps"] == 2
+    assert card["training_data"][0]["name"] == "simulated" and card["extra"]["ema"] is True
+    assert engine_main(["edit", str(rg1_dicom), "--instruction", "new right pleural effusion", "--model", str(model),
+                        "--out", str(tmp_path / "cf.png"), "--steps", "2", "--seed", "1", "--device", "cpu"]) == 0
+    assert (tmp_path / "cf.png").is_file()
+    assert train_main(["export", "--run", cfg.out_dir, "--out", str(model)]) == 2  # exists, no --overwrite
+
+
+@pytest.mark.slow
+def test_other_stages_run_and_vae_feeds_stage1(tmp_path, sim_data):
+    from train.export import export_run
+
+    images = str(sim_data / "images.jsonl")
+    vae_run = _cfg(tmp_path, sim_data, "vae", stage="vae", manifest=images, steps=2, ckpt_every=2, lr=1e-3)
+    fit(vae_run)
+    vae_dir = export_run(vae_run.out_dir, tmp_path / "vae-export")
+    assert (vae_dir / "vae" / "config.json").is_file()
+    stage1 = _cfg(tmp_path, sim_data, "s1", stage="stage1", manifest=images, vae_from=str(vae_dir), steps=2,
+                  ckpt_every=2, cache_latents=False, crop_scale=0.7)
+    fit(stage1)
+    model = export_run(stage1.out_dir, tmp_path / "s1-model")
+    stage2 = _cfg(tmp_path, sim_data, "s2", init_from=str(model), steps=2, ckpt_every=2)
+    fit(stage2)
+    prism = _cfg(tmp_path, sim_data, "prism", stage="prism", manifest=images, steps=2, ckpt_every=2)
+    fit(prism)
+    t2i = export_run(prism.out_dir, tmp_path / "prism-model")
+    assert '"method": "text2image"' in (t2i / "card.json").read_text()

@@ -1,0 +1,285 @@
+"""The training configuration: one dataclass, loaded from YAML/JSON, overridden by ``--key=value``.
+
+Every field is documented on :class:`TrainConfig`; ``train/configs/*.yaml`` hold the paper
+recipes. Overrides are checked against the field types (``--lr=3e-5``, ``--ema=false``,
+``--init_from=none``, ``--splits=train,validate``), and unknown keys are errors that list
+the valid ones. A checkpoint stores the config that made it, so a run can always be rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from engine.errors import InputError
+from engine.text import MINILM_SOURCE
+
+STAGES = ("vae", "stage1", "stage2", "prism")
+ARCHS = ("tiny", "small", "mini", "sd15")
+STAGE2_TARGETS = ("followup", "counterfactual")
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs.
+
+    Attributes:
+        stage: ``vae`` (stage 0: a small VAE from scratch), ``stage1`` (image-report pairs with
+            a dummy mid-grey prior), ``stage2`` (instruction tuning on prior/follow-up/description
+            triples) or ``prism`` (text-to-image UNet fine-tuning on label captions).
+        name: run name, written into the exported card.
+        out_dir: run folder: checkpoints, ``log.csv``, caches.
+        manifest: ``images.jsonl`` (vae, stage1, prism) or ``pairs.jsonl`` (stage2).
+        splits: manifest splits to train on.
+        stage2_target: stage 2's target image: ``followup`` (the registered follow-up when
+            registration wrote one, else the follow-up) or ``counterfactual`` (the simulator's
+            exact counterfactual, ``counterfactual_path``: only the described change differs).
+        resolution: square canvas side in px (paper: 256).
+        init_from: a model folder to start from (stage2: a stage-1 export; prism or stage1: a
+            Stable Diffusion 1.5 folder in diffusers layout); none builds fresh networks.
+        vae_from: a VAE to use (frozen) when not starting from a model: a model folder or a
+            ``vae`` export of stage 0; none means a random VAE (smoke tests only).
+        arch: size of fresh networks: ``tiny`` (tests), ``small`` (the bundled CPU model journey-mini),
+            ``mini`` (this project's small models),
+            ``sd15`` (Stable Diffusion 1.5's UNet).
+        text_backend, text_source, max_tokens: the frozen text encoder of a fresh model.
+        train_projection: train BiomedJourney's text projection along with the UNet.
+        steps: optimizer steps.
+        batch_size: images per device per micro-step (paper: 32).
+        grad_accum: micro-steps per optimizer step.
+        lr: AdamW learning rate (paper: 1e-4), constant after ``warmup_steps``.
+        warmup_steps: linear warm-up steps.
+        weight_decay, adam_beta1, adam_beta2, adam_eps: AdamW settings.
+        max_grad_norm: gradient clipping (0: off).
+        ema: keep an exponential moving average of the trained weights (exported by default).
+        ema_decay: EMA decay (warmed up as ``min(decay, (1 + n) / (10 + n))``).
+        mixed_precision: ``auto`` (bf16 on CUDA, none on CPU), ``no``, ``fp16``, ``bf16``.
+        gradient_checkpointing: trade compute for memory in the UNet/VAE.
+        drop_text, drop_image, drop_both: conditioning dropout for classifier-free guidance
+            (InstructPix2Pix: 5% each); prism uses ``drop_text`` only.
+        hflip: probability of a horizontal flip (text gets right/left swapped).
+        crop_scale: smallest area fraction of a random crop (1: no cropping); off when caching.
+        dummy_prior: stage-1 prior: a constant image of this intensity (BiomedJourney: 128/255).
+        cache_latents: encode every image once (VAE frozen) and train from the cache.
+        cache_text: encode every text once (encoder frozen) and train from the cache.
+        cache_dir: cache folder (default ``<out_dir>/cache``).
+        kl_weight: stage 0: weight of the KL term against the L1 reconstruction.
+        seed: seeds data order, augmentation, noise and initial weights.
+        log_every: steps between log rows.
+        ckpt_every: steps between checkpoints (and one at the end).
+        keep_checkpoints: checkpoints kept on disk.
+        num_workers: data loader worker processes.
+        tensorboard: also log to TensorBoard (when installed).
+        progress: show a progress bar.
+        data_license: license of the training data, for the card (default: from the sources).
+        simulate: when the manifest does not exist yet, first simulate this many patients into
+            its folder with :mod:`train.simulator` (0: never); used by the ``tiny`` smoke config.
+        extra: free-form values for the card (``license``, ``description``).
+    """
+
+    stage: str = "stage2"
+    name: str = "run"
+    out_dir: str = "runs/run"
+    manifest: str = ""
+    splits: tuple[str, ...] = ("train",)
+    stage2_target: str = "followup"
+    resolution: int = 256
+    init_from: str | None = None
+    vae_from: str | None = None
+    arch: str = "mini"
+    text_backend: str = "bert"
+    text_source: str = MINILM_SOURCE
+    max_tokens: int = 128
+    train_projection: bool = True
+    steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    ema: bool = True
+    ema_decay: float = 0.9999
+    mixed_precision: str = "auto"
+    gradient_checkpointing: bool = False
+    drop_text: float = 0.05
+    drop_image: float = 0.05
+    drop_both: float = 0.05
+    hflip: float = 0.5
+    crop_scale: float = 1.0
+    dummy_prior: float = 128 / 255
+    cache_latents: bool = True
+    cache_text: bool = True
+    cache_dir: str | None = None
+    kl_weight: float = 1e-6
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    num_workers: int = 0
+    tensorboard: bool = False
+    progress: bool = True
+    data_license: str | None = None
+    simulate: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> TrainConfig:
+        """Checks values and combinations; returns self.
+
+        Raises:
+            InputError: naming the field and what is allowed.
+        """
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise InputError(f"config: {message}")
+
+        need(self.stage in STAGES, f"stage must be one of {', '.join(STAGES)}, not {self.stage!r}")
+        need(self.arch in ARCHS, f"arch must be one of {', '.join(ARCHS)}, not {self.arch!r}")
+        need(self.stage2_target in STAGE2_TARGETS, f"stage2_target must be one of {', '.join(STAGE2_TARGETS)}")
+        need(self.mixed_precision in PRECISIONS, f"mixed_precision must be one of {', '.join(PRECISIONS)}")
+        need(bool(self.manifest), "manifest is required (images.jsonl, or pairs.jsonl for stage2)")
+        need(self.resolution >= 32 and self.resolution % 8 == 0, "resolution must be a multiple of 8, >= 32")
+        need(self.steps >= 1 and self.batch_size >= 1 and self.grad_accum >= 1, "steps, batch_size, grad_accum must be >= 1")
+        need(self.lr > 0, "lr must be positive")
+        for name in ("drop_text", "drop_image", "drop_both", "hflip"):
+            need(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1]")
+        need(self.drop_text + self.drop_image + self.drop_both <= 1, "drop_text + drop_image + drop_both must be <= 1")
+        need(0 < self.crop_scale <= 1, "crop_scale must be in (0, 1]")
+        need(0 <= self.dummy_prior <= 1, "dummy_prior must be in [0, 1]")
+        need(0 < self.ema_decay < 1, "ema_decay must be in (0, 1)")
+        need(self.ckpt_every >= 1 and self.log_every >= 1, "ckpt_every and log_every must be >= 1")
+        need(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (stored in checkpoints and cards)."""
+        data = asdict(self)
+        data["splits"] = list(self.splits)
+        return data
+
+    @property
+    def cache_path(self) -> Path:
+        """Where latents and text embeddings are cached."""
+        return Path(self.cache_dir) if self.cache_dir else Path(self.out_dir) / "cache"
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _convert(name: str, value: Any, hint: Any) -> Any:
+    """Converts a YAML value or an override string to the field's type, or raises InputError."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        inner = [a for a in args if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+            return None
+        return _convert(name, value, inner[0])
+    if origin is tuple:
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value or [])
+        return tuple(_convert(name, v, args[0]) for v in items)
+    if origin is dict or hint is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"config: {name} must be a JSON object") from exc
+        if not isinstance(value, dict):
+            raise InputError(f"config: {name} must be a mapping")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise InputError(f"config: {name} must be true or false, not {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise InputError(f"config: {name} must be an integer, not {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"config: {name} must be an integer, not {value!r}") from exc
+        if not number.is_integer():
+            raise InputError(f"config: {name} must be an integer, not {value!r}")
+        return int(number)
+    if hint is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"config: {name} must be a number, not {value!r}") from exc
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise InputError(f"config: {name} must be a string, not {value!r}")
+        return str(value)
+    return value
+
+
+def config_from_dict(data: dict[str, Any], *, where: str = "config") -> TrainConfig:
+    """Builds a config from a mapping, converting values to field types.
+
+    Raises:
+        InputError: unknown keys (listing the known ones) or values of the wrong type.
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InputError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+    return TrainConfig(**{k: _convert(k, v, hints[k]) for k, v in data.items()})
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["--lr=1e-5", "steps=10"]`` -> ``{"lr": "1e-5", "steps": "10"}``.
+
+    Raises:
+        InputError: an item without ``=``.
+    """
+    out = {}
+    for item in items:
+        key, sep, value = item.removeprefix("--").partition("=")
+        if not sep or not key:
+            raise InputError(f"override {item!r} must look like --key=value")
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] = ()) -> TrainConfig:
+    """Loads a YAML/JSON config and applies overrides; validated.
+
+    Args:
+        path: ``.yaml``/``.yml``/``.json`` file, or None for the defaults.
+        overrides: ``--key=value`` strings or a mapping.
+
+    Raises:
+        InputError: unreadable file, unknown keys, wrong types, invalid values.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"config file {path} does not exist (see train/configs/)")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+        except Exception as exc:  # yaml and json raise their own types
+            raise InputError(f"config file {path} is not valid YAML/JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise InputError(f"config file {path} must hold a mapping of keys to values")
+    extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+    return config_from_dict({**data, **extra}, where=str(path or "config")).validate()

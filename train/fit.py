@@ -1,0 +1,591 @@
+"""The training loop: every stage in one loop you can read top to bottom.
+
+``python -m train fit --config train/configs/tiny.yaml [--key=value ...]`` runs
+:func:`fit`. Multi-GPU and multi-node go through accelerate, unchanged::
+
+    accelerate launch --num_processes 8 -m train fit --config train/configs/biomedjourney-stage2.yaml
+
+Losses (``t`` uniform in 0..999, ``eps ~ N(0, I)``, ``z = scaling * E(x)`` sampled from the
+VAE posterior, ``alpha_bar`` from the scheduler):
+
+* stage 1 / stage 2 (BiomedJourney = InstructPix2Pix conditioning):
+  ``|| eps - eps_theta(sqrt(alpha_bar) z + sqrt(1 - alpha_bar) eps, t, [c_I], c_T) ||^2`` where the
+  prior latent ``c_I`` (unscaled posterior mode) is concatenated on the channel axis and ``c_T``
+  (projected text states) enters through cross-attention; ``c_I`` is the encoded mid-grey
+  image in stage 1. Dropout: 5% text only, 5% image only, 5% both (zeros image, ``""`` text).
+* prism: the same without ``c_I`` (text-to-image fine-tuning on captions).
+* vae (stage 0): ``|x - D(z)|_1 + kl_weight * KL(q(z|x) || N(0, I))``.
+
+Determinism: data order is a function of (seed, batch number); noise, timesteps, dropout and
+augmentation come from a generator seeded by (seed, step, micro-step, rank). A checkpoint
+holds the step, the weights, EMA and optimizer state, so a resumed run continues exactly as
+an uninterrupted one (on the same hardware and software).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from engine.engine import to_model_range
+from engine.errors import InputError
+from engine.text import project
+from train.config import TrainConfig
+from train.data import (CachedDataset, EpochSampler, ImageDataset, TensorStore, augment, collate, content_key,
+                        derive_seed, flip_text, load_canvas, load_items)
+from train.models import Models, build_models
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+LOG_FIELDS = ("step", "epoch", "loss", "lr", "images_per_s", "elapsed_s")
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by ``fit(..., stop_at_step=N)`` after step N: a stand-in for a killed run."""
+
+
+# -- the trained module, EMA ---------------------------------------------------------------
+
+class Trainee(torch.nn.Module):
+    """What the optimizer trains, as one module (so DDP wraps one thing).
+
+    Stages 1/2/prism: the UNet and the text projection; stage 0: the VAE.
+    """
+
+    def __init__(self, models: Models, train_projection: bool) -> None:
+        super().__init__()
+        self.vae = models.vae if models.stage == "vae" else None
+        self.unet = models.unet
+        self.projection = models.projection
+        if self.projection is not None:
+            self.projection.requires_grad_(train_projection)
+
+    def forward(self, model_in: torch.Tensor, t: torch.Tensor, states: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> Any:
+        """Noise prediction ``(B, C, h, w)`` from the UNet input and raw text states.
+
+        Stage 0 instead: ``model_in`` is the image in model range and ``t`` the posterior noise;
+        returns ``(reconstruction, mean, logvar)``.
+        """
+        if self.vae is not None:
+            dist = self.vae.encode(model_in).latent_dist
+            return self.vae.decode(dist.mean + dist.std * t).sample, dist.mean, dist.logvar
+        context = project(states, self.projection)
+        return self.unet(model_in, t, encoder_hidden_states=context, encoder_attention_mask=mask).sample
+
+
+class EMA:
+    """Exponential moving average of parameters, with diffusers' warm-up of the decay."""
+
+    def __init__(self, named: dict[str, torch.nn.Parameter], decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: p.detach().float().clone() for k, p in named.items()}
+
+    @torch.no_grad()
+    def update(self, named: dict[str, torch.nn.Parameter]) -> None:
+        """One EMA step towards the current parameters."""
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, p in named.items():
+            self.shadow[k].lerp_(p.detach().float(), 1 - decay)
+
+
+def trainable(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Named parameters that require gradients."""
+    return {k: p for k, p in module.named_parameters() if p.requires_grad}
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+def latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    pointer = Path(out_dir) / CHECKPOINTS / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(out_dir) / CHECKPOINTS / pointer.read_text().strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+    for pid, values in state["state"].items():
+        meta["state"][str(pid)] = {}
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                meta["state"][str(pid)][name] = value
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {int(pid): dict(values) for pid, values in meta["state"].items()}
+    for key, tensor in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = tensor
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(out_dir: Path, step: int, trainee: Trainee, optimizer: torch.optim.Optimizer, ema: EMA | None,
+                    cfg: TrainConfig, extra: dict[str, Any], keep: int) -> Path:
+    """Writes ``checkpoints/step-NNNNNNN`` atomically, points ``latest`` at it, prunes old ones.
+
+    Everything is safetensors + JSON (nothing is pickled): trained weights, EMA weights,
+    AdamW state, and ``state.json`` with the step and the full config.
+    """
+    root = out_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:07d}"
+    tmp = root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in trainee.state_dict().items()}, str(tmp / "model.safetensors"))
+    if ema is not None:
+        save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
+    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.json").write_text(json.dumps(meta))
+    state = {"step": step, "ema_updates": ema.updates if ema else 0, "config": cfg.to_dict(), **extra}
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = root / f".{LATEST}.tmp"
+    pointer.write_text(name)
+    os.replace(pointer, root / LATEST)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Reads a checkpoint folder: ``{"state", "model", "ema", "optimizer"}``."""
+    state = json.loads((path / "state.json").read_text())
+    ema = load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").is_file() else None
+    optimizer = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
+                                     json.loads((path / "optimizer.json").read_text()))
+    return {"state": state, "model": load_file(str(path / "model.safetensors")), "ema": ema, "optimizer": optimizer}
+
+
+# -- caches --------------------------------------------------------------------------------
+
+def _image_channels(vae, x: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, S, S)`` grey to the VAE's channels (RGB VAEs get three copies)."""
+    channels = int(vae.config.in_channels)
+    return x if channels == 1 else x.expand(-1, channels, -1, -1)
+
+
+@torch.no_grad()
+def encode_posterior(vae, images: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
+    """``(B, 1, S, S)`` [0, 1] images to posterior parameters ``(B, 2C, h, w)`` (mean, logvar)."""
+    dist = vae.encode(_image_channels(vae, to_model_range(images, value_range))).latent_dist
+    return torch.cat([dist.mean, dist.logvar], dim=1).float()
+
+
+def build_latent_cache(cfg: TrainConfig, models: Models, items, device: torch.device) -> tuple[Path, dict[str, tuple[str, str]]]:
+    """Encodes every image (as is and flipped) once with the frozen VAE into a TensorStore.
+
+    Returns:
+        The store folder and, per image path, the keys of its plain and flipped posteriors.
+    """
+    folder = cfg.cache_path / "latents"
+    store = TensorStore(folder)
+    paths = sorted({p for item in items for p in (item.image, item.prior) if p is not None})
+    keys = {p: tuple(content_key("latent", models.vae_id, p, os.path.getmtime(p), cfg.resolution, f)
+                     for f in (0, 1)) for p in paths}
+    todo = [p for p in paths if keys[p][0] not in store or keys[p][1] not in store]
+    if todo:
+        log.info("caching VAE latents of %d images in %s", len(todo), folder)
+        vae = models.vae.to(device)
+
+        def encoded():
+            for start in range(0, len(todo), 32):
+                chunk = todo[start:start + 32]
+                x = torch.stack([load_canvas(p, cfg.resolution) for p in chunk]).to(device)
+                plain, flipped = encode_posterior(vae, x, models.value_range), encode_posterior(vae, x.flip(-1), models.value_range)
+                for i, p in enumerate(chunk):
+                    yield keys[p][0], {"params": plain[i]}
+                    yield keys[p][1], {"params": flipped[i]}
+
+        store.write(encoded())
+    return folder, keys
+
+
+class TextCache:
+    """Frozen text-encoder states per text: in a TensorStore when caching, else computed each time."""
+
+    def __init__(self, cfg: TrainConfig, models: Models, texts: list[str]) -> None:
+        self.encoder = models.text_encoder
+        self.spec = json.dumps(models.text_spec.__dict__ if models.text_spec else {}, sort_keys=True)
+        self.store = TensorStore(cfg.cache_path / "text") if cfg.cache_text else None
+        if self.store is not None:
+            wanted = sorted(set(texts) | {flip_text(t) for t in texts} | {""})
+            todo = [t for t in wanted if self._key(t) not in self.store]
+            if todo:
+                log.info("caching text states of %d texts in %s", len(todo), self.store.folder)
+
+                def encoded():
+                    for start in range(0, len(todo), 64):
+                        chunk = todo[start:start + 64]
+                        states, mask = self.encoder.encode(chunk)
+                        for i, text in enumerate(chunk):
+                            yield self._key(text), {"states": states[i], "mask": mask[i]}
+
+                self.store.write(encoded())
+
+    def _key(self, text: str) -> str:
+        return content_key("text", self.spec, text)
+
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(states (B, L, W), mask (B, L))`` on the CPU."""
+        if self.store is None:
+            return self.encoder.encode(texts)
+        rows = [self.store.get(self._key(t)) for t in texts]
+        return torch.stack([r["states"] for r in rows]), torch.stack([r["mask"] for r in rows])
+
+
+# -- losses ------------------------------------------------------------------------------------
+
+def dropout_masks(batch: int, cfg: TrainConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """InstructPix2Pix conditioning dropout: ``(drop_text, drop_image)`` bool ``(B,)``.
+
+    One uniform draw per item: ``[0, p_t)`` drops the text, ``[p_t, p_t + p_b)`` both,
+    ``[p_t + p_b, p_t + p_b + p_i)`` the image.
+    """
+    r = torch.rand(batch, generator=generator)
+    text_only = r < cfg.drop_text
+    both = (r >= cfg.drop_text) & (r < cfg.drop_text + cfg.drop_both)
+    image_only = (r >= cfg.drop_text + cfg.drop_both) & (r < cfg.drop_text + cfg.drop_both + cfg.drop_image)
+    return text_only | both, image_only | both
+
+
+def diffusion_loss(trainee: torch.nn.Module, scheduler, target_latents: torch.Tensor, prior_latents: torch.Tensor | None,
+                   states: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Epsilon-prediction MSE at a uniformly drawn timestep.
+
+    Args:
+        target_latents: ``(B, C, h, w)`` scaled latents ``z``.
+        prior_latents: ``(B, C, h, w)`` unscaled prior modes ``c_I`` (None: text-to-image).
+        states, mask: text states ``(B, L, W)`` and mask ``(B, L)``, dropout already applied.
+    """
+    device = target_latents.device
+    noise = torch.randn(target_latents.shape, generator=generator).to(device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (target_latents.shape[0],), generator=generator).to(device)
+    noisy = scheduler.add_noise(target_latents, noise, t)  # sqrt(a_bar) z + sqrt(1 - a_bar) eps
+    model_in = noisy if prior_latents is None else torch.cat([noisy, prior_latents], dim=1)  # (B, 2C, h, w)
+    attention_mask = None if bool(mask.all()) else mask.to(device)
+    pred = trainee(model_in, t, states.to(device), attention_mask)
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(target_latents, noise, t)
+    return F.mse_loss(pred.float(), target.float())
+
+
+def sample_latents(params: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior ``(B, 2C, h, w)`` -> ``(sample, mode)``, the sample drawn from ``generator``."""
+    mean, logvar = params.chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+    return mean + std * eps, mean
+
+
+def vae_loss(model: torch.nn.Module, vae, images: torch.Tensor, value_range: tuple[float, float], kl_weight: float,
+             generator: torch.Generator) -> torch.Tensor:
+    """Stage 0: L1 reconstruction in model range + ``kl_weight`` x KL(q(z|x) || N(0, I)).
+
+    Args:
+        model: the (possibly DDP-wrapped) :class:`Trainee` holding ``vae``.
+        vae: the bare VAE (for its config).
+    """
+    x = _image_channels(vae, to_model_range(images, value_range))
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    shape = (x.shape[0], int(vae.config.latent_channels), x.shape[-2] // factor, x.shape[-1] // factor)
+    noise = torch.randn(shape, generator=generator).to(x.device)
+    recon, mean, logvar = model(x, noise)
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()
+    return F.l1_loss(recon.float(), x.float()) + kl_weight * kl
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+
+def _mixed_precision(cfg: TrainConfig) -> str:
+    if not torch.cuda.is_available():
+        return "no"
+    if cfg.mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return cfg.mixed_precision
+
+
+class CsvLog:
+    """``log.csv`` of a run; on resume, rows after the resumed step are dropped first."""
+
+    def __init__(self, path: Path, start_step: int, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        rows = []
+        if path.is_file() and start_step > 0:
+            with path.open(newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= start_step]
+        with path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Appends one row."""
+        if self.enabled:
+            with self.path.open("a", newline="") as fh:
+                csv.DictWriter(fh, LOG_FIELDS).writerow(row)
+
+
+def fit(cfg: TrainConfig, *, stop_at_step: int | None = None) -> Path:
+    """Trains one stage; resumes from the run's latest checkpoint when there is one.
+
+    Args:
+        cfg: the validated config.
+        stop_at_step: raise :class:`TrainingInterrupted` right after this step (tests of resume).
+
+    Returns:
+        The run folder (``cfg.out_dir``).
+
+    Raises:
+        InputError: bad data or config (message says what to change).
+    """
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from tqdm.auto import tqdm
+
+    # 1. Set-up: processes, output folder, networks, data.
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), gradient_accumulation_steps=cfg.grad_accum)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    out_dir = Path(cfg.out_dir)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    with accelerator.main_process_first():
+        if cfg.simulate and not Path(cfg.manifest).is_file() and accelerator.is_main_process:
+            simulate_data(cfg)
+    models = build_models(cfg)
+    items = load_items(cfg.manifest, cfg.stage, cfg.splits, cfg.stage2_target)
+    scheduler = DDPMScheduler.from_config(models.scheduler_config)
+
+    # 2. Caches (frozen encoders), built once by the main process.
+    use_latent_cache = cfg.cache_latents and cfg.stage != "vae"
+    with accelerator.main_process_first():
+        if use_latent_cache:
+            if cfg.crop_scale < 1:
+                log.info("crop_scale ignored: random crops are off when latents are cached")
+            latent_folder, latent_keys = build_latent_cache(cfg, models, items, device)
+            dataset = CachedDataset(items, latent_folder, latent_keys)
+        else:
+            dataset = ImageDataset(items, cfg.resolution)
+        texts = TextCache(cfg, models, [item.text for item in items]) if models.text_encoder is not None else None
+    if models.text_encoder is not None:
+        models.text_encoder.to(device)
+    null_states, null_mask = texts([""]) if texts is not None else (None, None)
+    models.vae.to(device)
+
+    # 3. Trained module, optimizer, EMA; resume if a checkpoint exists.
+    trainee = Trainee(models, cfg.train_projection).to(device)
+    if cfg.stage == "vae":
+        trainee.vae.requires_grad_(True).train()
+    else:
+        trainee.unet.train()
+    if cfg.gradient_checkpointing:
+        (trainee.vae if cfg.stage == "vae" else trainee.unet).enable_gradient_checkpointing()
+    params = trainable(trainee)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    ema = EMA(params, cfg.ema_decay) if cfg.ema else None
+    start_step = 0
+    resume = latest_checkpoint(out_dir)
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        trainee.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ema is not None and ckpt["ema"] is not None:
+            ema.shadow = {k: v.to(device) for k, v in ckpt["ema"].items()}
+            ema.updates = int(ckpt["state"].get("ema_updates", 0))
+        start_step = int(ckpt["state"]["step"])
+        if accelerator.is_main_process:
+            log.info("resuming %s from %s (step %d)", out_dir, resume.name, start_step)
+    if ema is not None:
+        ema.shadow = {k: v.to(device) for k, v in ema.shadow.items()}
+    model, optimizer = accelerator.prepare(trainee, optimizer)
+    dummy_prior = None
+    if cfg.stage == "stage1":  # BiomedJourney's stage-1 prior: a constant mid-grey image, encoded
+        grey = torch.full((1, 1, cfg.resolution, cfg.resolution), cfg.dummy_prior, device=device)
+        dummy_prior = encode_posterior(models.vae, grey, models.value_range).chunk(2, dim=1)[0]
+
+    # 4. Data order: batch k is a pure function of (seed, k, rank), so resuming needs only the step.
+    sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world, start=start_step * cfg.grad_accum)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    batches = iter(loader)
+    csv_log = CsvLog(out_dir / "log.csv", start_step, accelerator.is_main_process)
+    board = _tensorboard(cfg, out_dir) if accelerator.is_main_process else None
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=f"{cfg.name} {cfg.stage}", unit="step",
+               disable=not (cfg.progress and accelerator.is_main_process))
+    started, window_loss, window_steps, window_start = time.perf_counter(), 0.0, 0, time.perf_counter()
+    step = start_step
+
+    # 5. The loop.
+    while step < cfg.steps:
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "step", step, micro, rank))
+            with accelerator.accumulate(model), accelerator.autocast():
+                loss = _stage_loss(cfg, models, model, scheduler, texts, null_states, null_mask, dummy_prior,
+                                   batch, use_latent_cache, gen, device)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window_loss += float(loss.detach()) / cfg.grad_accum
+        step += 1
+        if ema is not None:
+            ema.update(params)
+        window_steps += 1
+        bar.update()
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            loss_value = float(accelerator.reduce(torch.tensor(window_loss / window_steps, device=device), "mean"))
+            seconds = time.perf_counter() - window_start
+            row = {"step": step, "epoch": sampler.position(step * cfg.grad_accum)["epoch"], "loss": f"{loss_value:.6f}",
+                   "lr": f"{lr:.3g}", "images_per_s": f"{window_steps * cfg.grad_accum * cfg.batch_size * world / seconds:.2f}",
+                   "elapsed_s": f"{time.perf_counter() - started:.1f}"}
+            csv_log.write(row)
+            if board is not None:
+                board.add_scalar("loss", loss_value, step)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(out_dir, step, accelerator.unwrap_model(model), optimizer, ema, cfg,
+                                {"data": sampler.position(step * cfg.grad_accum), "world": world,
+                                 "vae_id": models.vae_id, "items": len(dataset)}, cfg.keep_checkpoints)
+        if stop_at_step is not None and step == stop_at_step:
+            bar.close()
+            raise TrainingInterrupted(f"stopped after step {step}")
+    bar.close()
+    if board is not None:
+        board.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out_dir
+
+
+def _stage_loss(cfg: TrainConfig, models: Models, model: torch.nn.Module, scheduler, texts, null_states, null_mask,
+                dummy_prior, batch: dict[str, Any], cached: bool, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """One micro-batch's loss for the config's stage: augmentation, conditioning, dropout, loss."""
+    if cfg.stage == "vae":
+        images = batch["image"].to(device)
+        (images,), _, _ = augment([images], [""] * images.shape[0], hflip=cfg.hflip, crop_scale=cfg.crop_scale, generator=gen)
+        return vae_loss(model, models.vae, images, models.value_range, cfg.kl_weight, gen)
+
+    text = list(batch["text"])
+    if cached:  # pick the plain or flipped posterior of each item
+        flipped = torch.rand(len(text), generator=gen) < cfg.hflip
+        choose = flipped.long()
+        target_params = batch["image_params"][torch.arange(len(text)), choose].to(device)
+        prior_params = batch["prior_params"][torch.arange(len(text)), choose].to(device) if "prior_params" in batch else None
+        text = [flip_text(t) if f else t for t, f in zip(text, flipped.tolist())]
+    else:
+        images = [batch["image"].to(device)] + ([batch["prior"].to(device)] if "prior" in batch else [])
+        images, text, _ = augment(images, text, hflip=cfg.hflip, crop_scale=cfg.crop_scale, generator=gen)
+        with torch.no_grad():
+            target_params = encode_posterior(models.vae, images[0], models.value_range)
+            prior_params = encode_posterior(models.vae, images[1], models.value_range) if len(images) > 1 else None
+
+    latents, _ = sample_latents(target_params, gen)
+    latents = latents * models.latent_scaling
+    states, mask = texts(text)
+    drop_text, drop_image = dropout_masks(len(text), cfg, gen)
+    states = torch.where(drop_text[:, None, None], null_states.expand_as(states), states)
+    mask = torch.where(drop_text[:, None], null_mask.expand_as(mask), mask)
+    prior = None
+    if models.method == "instruct":
+        if cfg.stage == "stage1":
+            prior = dummy_prior.expand_as(latents)
+        else:
+            prior = prior_params.chunk(2, dim=1)[0]  # the posterior mode, unscaled (InstructPix2Pix)
+        prior = torch.where(drop_image[:, None, None, None].to(device), torch.zeros_like(prior), prior)
+    return diffusion_loss(model, scheduler, latents, prior, states, mask, gen)
+
+
+def simulate_data(cfg: TrainConfig) -> None:
+    """Writes a simulated data set into the manifest's folder (``cfg.simulate`` patients)."""
+    from train.simulator.writer import SimulationConfig, write_dataset
+
+    folder = Path(cfg.manifest).parent
+    log.info("simulating %d patients into %s", cfg.simulate, folder)
+    write_dataset(SimulationConfig(out=str(folder), patients=cfg.simulate, visits=4,
+                                   size=max(128, cfg.resolution), seed=cfg.seed))
+
+
+def _tensorboard(cfg: TrainConfig, out_dir: Path):
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise InputError("tensorboard=true needs the tensorboard package (`pip install tensorboard`)") from exc
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+# -- command line ------------------------------------------------------------------------------
+
+def add_parser(subparsers) -> None:
+    """Adds ``fit``: ``--config FILE`` plus one ``--key=value`` option per config field."""
+    import typing
+    from dataclasses import fields
+
+    p = subparsers.add_parser("fit", help="train a stage (vae, stage1, stage2, prism) from a config",
+                              description="Trains one stage; resumes from the run's latest checkpoint. "
+                                          "Every config key can be overridden as --key=value. "
+                                          "Multi-GPU: accelerate launch -m train fit --config FILE.")
+    p.add_argument("--config", default=None, help="YAML/JSON config (see train/configs/)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        p.add_argument(f"--{f.name}", dest=f"override_{f.name}", default=None, metavar=hints[f.name].__name__.upper() if isinstance(hints[f.name], type) else "VALUE",
+                       help=argparse_help(f.name))
+
+
+def argparse_help(name: str) -> str:
+    """One line of help per config key, from :class:`TrainConfig`'s docstring."""
+    doc = TrainConfig.__doc__ or ""
+    for line in doc.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(f"{name}:") or stripped.startswith(f"{name},"):
+            return stripped.split(":", 1)[1].strip()
+    return "see TrainConfig"
+
+
+def run(args) -> int:
+    """Runs ``fit``."""
+    from train.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    overrides = {k.removeprefix("override_"): v for k, v in vars(args).items() if k.startswith("override_") and v is not None}
+    cfg = load_config(args.config, overrides)
+    out = fit(cfg)
+    print(json.dumps({"run": str(out), "checkpoint": str(latest_checkpoint(out))}))
+    return 0
