@@ -71,7 +71,7 @@ class EvaluateConfig:
         out: the report's JSON path; ``.md`` and ``.png`` are written next to it.
         limit: evaluate the first N pairs (after ``split`` filtering); None for all.
         baselines: any of ``identity``, ``text-only``.
-        batch_size: images per classifier/segmenter batch.
+        batch_size: pairs per generation batch, and images per classifier/segmenter batch.
         split: only pairs of this split (``test``, ``validate``, ``train``) or ``all``.
         classifier: ``auto``, ``xrv``, ``xrv:WEIGHTS``, a small-classifier folder, or ``none``.
         segmenter: ``auto``, ``xrv``, a small-segmenter folder, or ``none``.
@@ -272,25 +272,33 @@ def _images_index(pairs_path: str) -> dict[str, Any]:
 # Generation
 
 
-def generate(engine: Any, pair: PairData, config: EvaluateConfig) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The prior on the canvas and every system's image for one pair.
+def generate(engine: Any, pairs: Sequence[PairData], config: EvaluateConfig) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]]]:
+    """The priors on the canvas and every system's images, the pairs batched together.
+
+    One :meth:`engine.Engine.counterfactuals` call per system makes every pair's image in
+    batched UNet calls (each pair keeps its own prior, description and seed).
 
     Returns:
-        ``(prior (S, S), {system: image (S, S)})``.
+        ``(priors [(S, S)], {system: [image (S, S)]})`` in the order of ``pairs``.
     """
     from engine import EditRequest
 
-    request = EditRequest(
-        pair.record.description, steps=config.steps, text_guidance=config.text_guidance,
-        image_guidance=config.image_guidance, seed=pair.seed, scheduler=config.scheduler,
-    )
-    cf = engine.counterfactuals(pair.prior_xray, [request])[0]
-    images = {"model": cf.image}
+    requests = [
+        EditRequest(
+            pair.record.description, steps=config.steps, text_guidance=config.text_guidance,
+            image_guidance=config.image_guidance, seed=pair.seed, scheduler=config.scheduler,
+        )
+        for pair in pairs
+    ]
+    xrays = [pair.prior_xray for pair in pairs]
+    results = engine.counterfactuals(xrays, requests)
+    priors = [cf.prior for cf in results]
+    images = {"model": [cf.image for cf in results]}
     if "identity" in config.systems:
-        images["identity"] = cf.prior.copy()
+        images["identity"] = [prior.copy() for prior in priors]
     if "text-only" in config.systems:
-        images["text-only"] = engine.counterfactuals(pair.prior_xray, [request], withhold_prior=True)[0].image
-    return cf.prior, images
+        images["text-only"] = [cf.image for cf in engine.counterfactuals(xrays, requests, withhold_prior=True)]
+    return priors, images
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,11 +654,11 @@ def evaluate_chunk(eng: Any, nets: Networks, config: EvaluateConfig, pairs: Sequ
     """
     priors: list[np.ndarray] = []
     generated: dict[str, list[np.ndarray]] = {s: [] for s in config.systems}
-    for pair in pairs:
-        prior, imgs = generate(eng, pair, config)
-        priors.append(prior)
+    for start in range(0, len(pairs), config.batch_size):
+        batch_priors, batch_images = generate(eng, pairs[start : start + config.batch_size], config)
+        priors += batch_priors
         for s in config.systems:
-            generated[s].append(imgs[s])
+            generated[s] += batch_images[s]
     net_rows = network_metrics(nets, pairs, priors, generated, config.batch_size)
     rows, examples = [], []
     for j, pair in enumerate(pairs):
@@ -788,7 +796,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N pairs")
     p.add_argument("--baselines", default="identity,text-only",
                    help="comma-separated baselines: identity, text-only, or 'none' (default: both)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per classifier/segmenter batch (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per generation batch and images per analysis-network batch (default 8)")
     p.add_argument("--split", default="all", choices=("all", "train", "validate", "test"), help="only pairs of this split")
     p.add_argument("--classifier", default="auto", help="auto | xrv | xrv:WEIGHTS | FOLDER | none (default auto)")
     p.add_argument("--segmenter", default="auto", help="auto | xrv | FOLDER | none (default auto)")
