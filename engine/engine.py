@@ -185,6 +185,12 @@ def from_model_range(x: torch.Tensor, value_range: tuple[float, float]) -> torch
     return ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
 
 
+def to_vae_channels(vae: Any, x: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, H, W)`` grey images to the VAE's channel count (an RGB VAE gets three copies)."""
+    channels = int(vae.config.in_channels)
+    return x if channels == 1 else x.expand(-1, channels, -1, -1)
+
+
 class Engine:
     """Counterfactual generation on one loaded model. Thread-safe: one lock around the device.
 
@@ -239,16 +245,11 @@ class Engine:
         states = states.to(device=self.device, dtype=self.dtype)
         return project(states, self.projection), mask.to(self.device)
 
-    def _image_channels(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, H, W)`` grey to the VAE's channel count (RGB VAEs get three copies)."""
-        channels = int(self.vae.config.in_channels)
-        return x if channels == 1 else x.expand(-1, channels, -1, -1)
-
     @torch.no_grad()
     def encode_prior(self, prior: torch.Tensor) -> torch.Tensor:
         """``(B, 1, S, S)`` [0, 1] priors to unscaled VAE posterior modes ``(B, C, h, w)``."""
         x = to_model_range(prior.to(device=self.device, dtype=self.dtype), self.card.value_range)
-        return self.vae.encode(self._image_channels(x)).latent_dist.mode()
+        return self.vae.encode(to_vae_channels(self.vae, x)).latent_dist.mode()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from engine.engine import to_model_range
+from engine.engine import to_model_range, to_vae_channels
 from engine.errors import InputError
 from engine.text import project
 from train.config import TrainConfig
@@ -183,16 +183,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 # -- caches --------------------------------------------------------------------------------
 
-def _image_channels(vae, x: torch.Tensor) -> torch.Tensor:
-    """``(B, 1, S, S)`` grey to the VAE's channels (RGB VAEs get three copies)."""
-    channels = int(vae.config.in_channels)
-    return x if channels == 1 else x.expand(-1, channels, -1, -1)
-
-
 @torch.no_grad()
 def encode_posterior(vae, images: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
     """``(B, 1, S, S)`` [0, 1] images to posterior parameters ``(B, 2C, h, w)`` (mean, logvar)."""
-    dist = vae.encode(_image_channels(vae, to_model_range(images, value_range))).latent_dist
+    dist = vae.encode(to_vae_channels(vae, to_model_range(images, value_range))).latent_dist
     return torch.cat([dist.mean, dist.logvar], dim=1).float()
 
 
@@ -309,7 +303,7 @@ def vae_loss(model: torch.nn.Module, vae, images: torch.Tensor, value_range: tup
         model: the (possibly DDP-wrapped) :class:`Trainee` holding ``vae``.
         vae: the bare VAE (for its config).
     """
-    x = _image_channels(vae, to_model_range(images, value_range))
+    x = to_vae_channels(vae, to_model_range(images, value_range))
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     shape = (x.shape[0], int(vae.config.latent_channels), x.shape[-2] // factor, x.shape[-1] // factor)
     noise = torch.randn(shape, generator=generator).to(x.device)
