@@ -402,6 +402,18 @@ def _save_network(module: Any, folder: Path) -> None:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def _default_permissions(root: Path) -> None:
+    """Gives a finished folder the permissions of ordinary files (umask applied).
+
+    ``mkdtemp`` makes the staging folder 0700 and some writers make shards 0600; a model folder
+    is meant to be shared (a GPU server, a Space), so it should read like any other.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def save_model(
     out: str | os.PathLike[str],
     *,
@@ -453,6 +465,7 @@ def save_model(
         if text_encoder_folder is not None:
             shutil.copytree(text_encoder_folder, tmp / "text_encoder")
         (tmp / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2, sort_keys=True) + "\n")
+        _default_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

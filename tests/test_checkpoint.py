@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -193,3 +194,14 @@ def test_missing_package_source_says_pip_install():
 
     with pytest.raises(ModelFolderError, match="pip install no-such-encoder"):
         resolve_source("package:no-such-encoder")
+
+
+def test_saved_folder_has_ordinary_permissions(tiny_model: Path):
+    """Not the 0700/0600 of the staging folder: files 0666 and folders 0777, less the umask."""
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [tiny_model, *tiny_model.rglob("*")]:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
