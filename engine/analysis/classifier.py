@@ -335,15 +335,20 @@ class XRVRaceModel:
         self.device = torch.device(device)
         self.targets = tuple(getattr(module, "targets", self.targets))
 
-    @torch.no_grad()
     def predict(self, images: Any, batch_size: int = 16) -> np.ndarray:
         """``(B, 3)`` class probabilities (the model returns log-softmax)."""
-        x = as_unit_batch(images)
-        out = []
-        for i in range(0, x.shape[0], batch_size):
-            xb = resize_square(x[i : i + batch_size].to(self.device), xrv.RACE_AGE_RESOLUTION)
-            out.append(self.module(xrv.to_xrv_range(xb)).float().exp().cpu())
-        return torch.cat(out).numpy()
+        return _run_race_age(self.module, images, batch_size, self.device).exp().numpy()
+
+
+@torch.no_grad()
+def _run_race_age(module: Any, images: Any, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Runs a torchxrayvision race/age network on [0, 1] images in batches; float32 on the CPU."""
+    x = as_unit_batch(images)
+    out = []
+    for i in range(0, x.shape[0], batch_size):
+        xb = resize_square(x[i : i + batch_size].to(device), xrv.RACE_AGE_RESOLUTION)
+        out.append(module(xrv.to_xrv_range(xb)).float().cpu())
+    return torch.cat(out)
 
 
 class XRVAgeModel:
@@ -353,15 +358,9 @@ class XRVAgeModel:
         self.module = module.to(device).eval()
         self.device = torch.device(device)
 
-    @torch.no_grad()
     def predict(self, images: Any, batch_size: int = 16) -> np.ndarray:
         """``(B,)`` predicted age in years."""
-        x = as_unit_batch(images)
-        out = []
-        for i in range(0, x.shape[0], batch_size):
-            xb = resize_square(x[i : i + batch_size].to(self.device), xrv.RACE_AGE_RESOLUTION)
-            out.append(self.module(xrv.to_xrv_range(xb)).float().reshape(-1).cpu())
-        return torch.cat(out).numpy()
+        return _run_race_age(self.module, images, batch_size, self.device).reshape(-1).numpy()
 
 
 def load_race_model(device: torch.device | str = "cpu", cache_dir: str | os.PathLike[str] | None = None) -> XRVRaceModel:
