@@ -69,6 +69,9 @@ class TrainConfig:
         cache_text: encode every text once (encoder frozen) and train from the cache.
         cache_dir: cache folder (default ``<out_dir>/cache``).
         kl_weight: stage 0: weight of the KL term against the L1 reconstruction.
+        latent_sample: stages 1/2/prism: diffuse a sample of the VAE posterior (Stable
+            Diffusion) or, when false, its mode; use false for small VAEs trained with a weak KL,
+            whose posterior spread is a large share of the latent's (the noise is unlearnable).
         seed: seeds data order, augmentation, noise and initial weights.
         log_every: steps between log rows.
         ckpt_every: steps between checkpoints (and one at the end).
@@ -120,6 +123,7 @@ class TrainConfig:
     cache_text: bool = True
     cache_dir: str | None = None
     kl_weight: float = 1e-6
+    latent_sample: bool = True
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 500

@@ -509,8 +509,8 @@ def _stage_loss(cfg: TrainConfig, models: Models, model: torch.nn.Module, schedu
             target_params = encode_posterior(models.vae, images[0], models.value_range)
             prior_params = encode_posterior(models.vae, images[1], models.value_range) if len(images) > 1 else None
 
-    latents, _ = sample_latents(target_params, gen)
-    latents = latents * models.latent_scaling
+    sampled, mode = sample_latents(target_params, gen)  # draw either way: the random stream stays the same
+    latents = (sampled if cfg.latent_sample else mode) * models.latent_scaling
     states, mask = texts(text)
     drop_text, drop_image = dropout_masks(len(text), cfg, gen)
     states = torch.where(drop_text[:, None, None], null_states.expand_as(states), states)
