@@ -211,35 +211,15 @@ def load_xrv_classifier(weights: str = "densenet121-res224-all", cache_dir: str 
     return XRVClassifier(xrv.load_classifier_module(weights, cache_dir), weights, device, calibrated)
 
 
-class SmallClassifier(Classifier):
+class SmallClassifier(smallnet.SmallNetBackend, Classifier):
     """The bundled small CNN (``cxr-small-cnn``), from a folder (:mod:`engine.analysis.smallnet`)."""
+
+    kind = "classifier"
 
     def __init__(self, net: smallnet.SmallClassifierNet, card: smallnet.SmallNetCard | None = None,
                  device: torch.device | str = "cpu") -> None:
-        config = net.config
-        if config.kind != "classifier":
-            raise InputError(f"SmallClassifier needs a classifier network, not a {config.kind}")
-        self.net = net.to(device).eval()
-        self.card = card or smallnet.SmallNetCard(name="small-classifier")
-        self.name = self.card.name
-        self.targets = tuple(config.targets)
-        self.input_resolution = config.input_resolution
-        self.input_range = config.input_range
-        self.device = torch.device(device)
-
-    @classmethod
-    def load(cls, folder: str | os.PathLike[str], device: torch.device | str = "cpu") -> SmallClassifier:
-        """Reads a classifier folder.
-
-        Raises:
-            ModelFolderError: missing files, wrong kind, or mismatched weights.
-        """
-        net, card = smallnet.load(folder, kind="classifier")
-        return cls(net, card, device)  # type: ignore[arg-type]
-
-    def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Writes the folder (config, safetensors weights, card)."""
-        return smallnet.save(self.net, folder, self.card)
+        self._hold(net, card, device)
+        self.targets = tuple(net.config.targets)
 
     def convert_range(self, images01: torch.Tensor) -> torch.Tensor:
         return smallnet.to_net_range(images01, self.input_range)

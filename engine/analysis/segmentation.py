@@ -121,34 +121,15 @@ def load_xrv_segmenter(cache_dir: str | os.PathLike[str] | None = None, device: 
     return XRVSegmenter(xrv.load_pspnet_module(cache_dir), device)
 
 
-class SmallSegmenter(Segmenter):
+class SmallSegmenter(smallnet.SmallNetBackend, Segmenter):
     """The bundled small U-Net (``cxr-small-unet``), from a folder."""
+
+    kind = "segmenter"
 
     def __init__(self, net: smallnet.SmallUNet, card: smallnet.SmallNetCard | None = None,
                  device: torch.device | str = "cpu") -> None:
-        if net.config.kind != "segmenter":
-            raise InputError(f"SmallSegmenter needs a segmenter network, not a {net.config.kind}")
-        self.net = net.to(device).eval()
-        self.card = card or smallnet.SmallNetCard(name="small-segmenter")
-        self.name = self.card.name
+        self._hold(net, card, device)
         self.structures = tuple(net.config.targets)
-        self.input_resolution = net.config.input_resolution
-        self.input_range = net.config.input_range
-        self.device = torch.device(device)
-
-    @classmethod
-    def load(cls, folder: str | os.PathLike[str], device: torch.device | str = "cpu") -> SmallSegmenter:
-        """Reads a segmenter folder.
-
-        Raises:
-            ModelFolderError: missing files, wrong kind, or mismatched weights.
-        """
-        net, card = smallnet.load(folder, kind="segmenter")
-        return cls(net, card, device)  # type: ignore[arg-type]
-
-    def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Writes the folder (config, safetensors weights, card)."""
-        return smallnet.save(self.net, folder, self.card)
 
     def logits(self, x01: torch.Tensor) -> torch.Tensor:
         return self.net(smallnet.to_net_range(x01, self.input_range))

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.errors import ModelFolderError
+from engine.errors import InputError, ModelFolderError
 
 ARCHITECTURES = {"classifier": "cxr-small-cnn", "segmenter": "cxr-small-unet"}
 CONFIG_NAME = "config.json"
@@ -299,3 +299,34 @@ def load(folder: str | os.PathLike[str], kind: str | None = None) -> tuple[nn.Mo
 def parameter_count(net: nn.Module) -> int:
     """Number of parameters."""
     return sum(p.numel() for p in net.parameters())
+
+
+class SmallNetBackend:
+    """What the bundled small classifier and segmenter share: a network of one ``kind`` with its
+    card and device, read from and written to a folder of this module's format."""
+
+    kind: str = ""
+
+    def _hold(self, net: nn.Module, card: SmallNetCard | None, device: torch.device | str) -> None:
+        if net.config.kind != self.kind:
+            raise InputError(f"{type(self).__name__} needs a {self.kind} network, not a {net.config.kind}")
+        self.net = net.to(device).eval()
+        self.card = card or SmallNetCard(name=f"small-{self.kind}")
+        self.name = self.card.name
+        self.input_resolution = net.config.input_resolution
+        self.input_range = net.config.input_range
+        self.device = torch.device(device)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str], device: torch.device | str = "cpu"):
+        """Reads a folder of this backend's kind.
+
+        Raises:
+            ModelFolderError: missing files, wrong kind, or mismatched weights.
+        """
+        net, card = load(folder, kind=cls.kind)
+        return cls(net, card, device)  # type: ignore[call-arg]
+
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        """Writes the folder (config, safetensors weights, card)."""
+        return save(self.net, folder, self.card)
