@@ -343,7 +343,13 @@ def test_progression_descriptions():
     assert "left pneumothorax" in d and any(w in d for w in ("resolved", "resolution", "no longer"))
     tubes = Visit(devices=(Device("ett"), Device("ng_tube"), Device("cvc", side="right")))
     d = describe_progression(tubes, none, rng).lower()
-    assert "removed" in d or "removal" in d
+    assert any(w in d for w in ("removed", "removal", "without support devices", "no support devices"))
+    phrasings = {describe_progression(tubes, none, np.random.default_rng(s)).lower() for s in range(60)}
+    assert any(p.startswith("without support devices") for p in phrasings)  # what users type
+    bilateral = Visit(findings=Findings(effusion=Severity(0.5, side="bilateral")))
+    phrasings = {describe_progression(none, bilateral, np.random.default_rng(s)) for s in range(60)}
+    assert any("effusions have developed" in p for p in phrasings)
+    assert not any("effusions has" in p for p in phrasings)
     d = describe_progression(small_right, small_right, rng).lower()
     assert any(w in d for w in ("no significant interval change", "stable", "unchanged"))
 

@@ -286,9 +286,11 @@ def describe_progression(prior: Visit, followup: Visit, rng: np.random.Generator
     placed = [c.device for c in changes if c.kind == "device" and c.change == "placed"]
     removed = [c.device for c in changes if c.kind == "device" and c.change == "removed"]
     remaining = [d for d in followup.devices if d.kind != "sternal_wires"]
-    if len(removed) >= 2 and not placed and not remaining:
+    if removed and not placed and not remaining and (len(removed) >= 2 or rng.random() < 0.5):
+        # Every device is gone: also the phrasing users type ("without support devices").
         clauses.append(str(rng.choice(["lines and tubes removed", "interval removal of all lines and tubes",
-                                       "support devices have been removed"])))
+                                       "support devices have been removed", "without support devices",
+                                       "no support devices remain"])))
     else:
         for d in removed:
             n = device_noun(d, rng)
@@ -319,7 +321,8 @@ def _finding_clause(name: str, change: str, before: Severity | None, after: Seve
                     rng: np.random.Generator) -> str:
     if change == "new":
         p = finding_phrase(name, after, rng)
-        return str(rng.choice([f"new {p}", f"interval development of {_a(p)}", f"{p} has developed"]))
+        verb = "have" if p.endswith(("effusions", "pneumothoraces")) else "has"
+        return str(rng.choice([f"new {p}", f"interval development of {_a(p)}", f"{p} {verb} developed"]))
     if change == "resolved":
         noun = finding_noun(name, before)
         verb = "have" if noun.endswith(("effusions", "pneumothoraces")) else "has"
