@@ -229,8 +229,10 @@ class TensorStore:
     """A folder of safetensors shards holding named tensors per key, read lazily.
 
     Layout: ``index.json`` (key -> shard) and ``shard-00000.safetensors`` ... with tensors
-    named ``<key>/<name>``. Written in one pass by :meth:`write`; opened shards are cached
-    per process (safe for DataLoader workers).
+    named ``<key>/<name>``. Shards are written atomically and the index after each one, so an
+    interrupted :meth:`write` keeps every finished shard; shards missing from the index (a run
+    killed by an older version) are read back into it on opening. Opened shards are cached per
+    process (safe for DataLoader workers).
     """
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
@@ -238,6 +240,12 @@ class TensorStore:
         index = self.folder / "index.json"
         self.index: dict[str, str] = json.loads(index.read_text()) if index.is_file() else {}
         self._open: dict[str, object] = {}
+        indexed = set(self.index.values())
+        for shard in sorted(self.folder.glob("shard-*.safetensors")) if self.folder.is_dir() else ():
+            if shard.name not in indexed:
+                with safe_open(str(shard), framework="pt") as handle:
+                    for name in handle.keys():
+                        self.index.setdefault(name.rsplit("/", 1)[0], shard.name)
 
     def __contains__(self, key: str) -> bool:
         return key in self.index
@@ -273,6 +281,7 @@ class TensorStore:
             for k in keys:
                 self.index[k] = name
             number, pending, keys = number + 1, {}, []
+            self._write_index()
 
         for key, tensors in items:
             if key in self.index or key in keys:
@@ -283,10 +292,13 @@ class TensorStore:
             if len(keys) >= shard_items:
                 flush()
         flush()
+        self._write_index()
+        self._open.clear()
+
+    def _write_index(self) -> None:
         tmp = self.folder / ".index.json.tmp"
         tmp.write_text(json.dumps(self.index))
         os.replace(tmp, self.folder / "index.json")
-        self._open.clear()
 
 
 def content_key(*parts: object) -> str:
