@@ -87,6 +87,20 @@ def test_evaluate_end_to_end_through_the_cli(tiny_model, sim_pairs, nets, tmp_pa
         assert im.size[0] > 600 and im.size[1] > 200
 
 
+def test_exact_baseline_is_the_simulators_counterfactual(tiny_model, sim_pairs, nets, tmp_path):
+    config = ev.EvaluateConfig(model=str(tiny_model), pairs=str(sim_pairs), out=str(tmp_path / "R.json"), limit=2,
+                               baselines=("identity", "exact"), steps=1, device="cpu", dtype="fp32",
+                               classifier=str(nets[0]), segmenter=str(nets[1]), race_age="none", examples=0,
+                               progress=False)
+    report = ev.evaluate(config)
+    assert report["systems"] == ["model", "identity", "exact"]
+    for row in report["rows"]:
+        exact = row["systems"]["exact"]
+        assert exact["l1_exact"] == 0.0 and exact["ssim_out"] == pytest.approx(1.0)
+    assert report["aggregate"]["exact"]["psnr_out"] == ev.PSNR_CAP_DB  # identical: infinite, capped
+    assert "\n| exact |" in ev.markdown_report(report)
+
+
 def test_pair_seed_is_stable_and_order_free():
     assert ev.pair_seed(0, "a") == ev.pair_seed(0, "a")
     assert ev.pair_seed(0, "a") != ev.pair_seed(0, "b") and ev.pair_seed(1, "a") != ev.pair_seed(0, "a")

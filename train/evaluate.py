@@ -7,7 +7,9 @@ makes an image on the model's square canvas:
 * ``model``: the instruct model, prior + description (:meth:`engine.Engine.counterfactuals`);
 * ``identity``: the prior returned unchanged (perfect retention, no edit);
 * ``text-only``: the model with the prior withheld (``withhold_prior=True``), RoentGen-style
-  generation from the description alone.
+  generation from the description alone;
+* ``exact``: the simulator's exact counterfactual (simulated pairs only): what a perfect model
+  would make, so its scores are the ceiling the analysis networks allow.
 
 Per pair and system it records (:mod:`engine.analysis.metrics`): L1 to the prior (PRISM's
 identity preservation) and to the follow-up; PSNR/SSIM to the exact counterfactual inside and
@@ -49,8 +51,8 @@ from engine.errors import InputError
 
 log = logging.getLogger(__name__)
 
-SYSTEMS = ("model", "identity", "text-only")
-BASELINES = ("identity", "text-only")
+SYSTEMS = ("model", "identity", "text-only", "exact")
+BASELINES = ("identity", "text-only", "exact")
 FINDINGS = metrics.PATHOLOGY_FINDINGS
 SEVERITY_NAMES = {"atelectasis": "Atelectasis", "cardiomegaly": "Cardiomegaly", "consolidation": "Consolidation",
                   "edema": "Edema", "effusion": "Pleural Effusion", "pneumothorax": "Pneumothorax"}
@@ -70,7 +72,7 @@ class EvaluateConfig:
         pairs: the ``pairs.jsonl`` manifest (paths inside are relative to its folder).
         out: the report's JSON path; ``.md`` and ``.png`` are written next to it.
         limit: evaluate the first N pairs (after ``split`` filtering); None for all.
-        baselines: any of ``identity``, ``text-only``.
+        baselines: any of ``identity``, ``text-only``, ``exact`` (simulated pairs only).
         batch_size: pairs per generation batch, and images per classifier/segmenter batch.
         split: only pairs of this split (``test``, ``validate``, ``train``) or ``all``.
         classifier: ``auto``, ``xrv``, ``xrv:WEIGHTS``, a small-classifier folder, or ``none``.
@@ -89,7 +91,7 @@ class EvaluateConfig:
     pairs: str
     out: str
     limit: int | None = None
-    baselines: tuple[str, ...] = BASELINES
+    baselines: tuple[str, ...] = ("identity", "text-only")
     batch_size: int = 8
     split: str = "all"
     classifier: str = "auto"
@@ -298,6 +300,11 @@ def generate(engine: Any, pairs: Sequence[PairData], config: EvaluateConfig) -> 
         images["identity"] = [prior.copy() for prior in priors]
     if "text-only" in config.systems:
         images["text-only"] = [cf.image for cf in engine.counterfactuals(xrays, requests, withhold_prior=True)]
+    if "exact" in config.systems:
+        missing = [pair.record.pair_id for pair in pairs if pair.exact is None]
+        if missing:
+            raise InputError(f"the exact baseline needs simulated pairs with counterfactual_path; {missing[0]} has none")
+        images["exact"] = [pair.exact.copy() for pair in pairs]
     return priors, images
 
 
@@ -608,7 +615,8 @@ def example_figure(examples: Sequence[dict[str, Any]], systems: Sequence[str]) -
     from engine.analysis.render import ExampleRow, example_grid
 
     has_exact = any(e["exact"] is not None for e in examples)
-    columns = ["Prior", "Follow-up"] + (["Exact CF"] if has_exact else []) + [_column(s) for s in systems if s != "identity"]
+    shown = [s for s in systems if s not in ("identity", "exact")]  # the exact CF has its own column
+    columns = ["Prior", "Follow-up"] + (["Exact CF"] if has_exact else []) + [_column(s) for s in shown]
     delta_cols = (["Δ exact"] if has_exact else []) + ["Δ model"]
     rows = []
     for e in examples:
@@ -618,9 +626,8 @@ def example_figure(examples: Sequence[dict[str, Any]], systems: Sequence[str]) -
             row.images["Exact CF"] = e["exact"]
             d = e["exact"] - e["prior"]
             row.deltas["Δ exact"] = (d, symmetric_limit(d, 99.5, floor=0.02))
-        for s in systems:
-            if s != "identity":
-                row.images[_column(s)] = e["images"][s]
+        for s in shown:
+            row.images[_column(s)] = e["images"][s]
         d = e["images"]["model"] - e["prior"]
         row.deltas["Δ model"] = (d, symmetric_limit(d, 99.5, floor=0.02))
         rows.append(row)
@@ -795,7 +802,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="report path (REPORT.json; .md and .png are written next to it)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N pairs")
     p.add_argument("--baselines", default="identity,text-only",
-                   help="comma-separated baselines: identity, text-only, or 'none' (default: both)")
+                   help="comma-separated baselines: identity, text-only, exact (simulated pairs), or 'none' (default: identity,text-only)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per generation batch and images per analysis-network batch (default 8)")
     p.add_argument("--split", default="all", choices=("all", "train", "validate", "test"), help="only pairs of this split")
     p.add_argument("--classifier", default="auto", help="auto | xrv | xrv:WEIGHTS | FOLDER | none (default auto)")
