@@ -43,6 +43,7 @@ FORMAT_VERSION = 1
 MAX_SHARD_SIZE = "14MB"  # tensor bytes; headers stay well under the 15 MB file limit
 METHODS = ("instruct", "text2image")
 TEXT_BACKENDS = ("bert", "clip", "biomedclip")
+INSTRUCT_TARGETS = ("latent", "change")
 RESEARCH_USE = "Research and demonstration only; not for diagnosis or any clinical decision."
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -75,6 +76,10 @@ class ModelCard:
         resolution: square side in pixels the model works at.
         text_encoder: the frozen text encoder (see :class:`TextEncoderSpec`).
         latent_scaling: factor applied to VAE latents before diffusion (SD: 0.18215).
+        instruct_target: what an instruct model diffuses: ``"latent"`` (InstructPix2Pix and
+            BiomedJourney: the follow-up's latent) or ``"change"`` (the follow-up's latent minus
+            the prior's; the engine adds the prior back and decodes the change as a change,
+            so whatever the model leaves unchanged keeps the prior's exact pixels).
         value_range: pixel range the VAE expects; images are mapped to it from [0, 1].
         intended_use: who may use it for what. Always says research use only.
         training_data: one entry per data set: ``{"name", "license", "attribution"}``.
@@ -90,6 +95,7 @@ class ModelCard:
     resolution: int
     text_encoder: TextEncoderSpec
     latent_scaling: float = 0.18215
+    instruct_target: str = "latent"
     value_range: tuple[float, float] = (-1.0, 1.0)
     intended_use: str = RESEARCH_USE
     training_data: tuple[dict[str, str], ...] = ()
@@ -162,6 +168,10 @@ class ModelCard:
             raise ModelFolderError(f"{where}: value_range must be [low, high] with low < high")
         if self.latent_scaling <= 0:
             raise ModelFolderError(f"{where}: latent_scaling must be positive")
+        if self.instruct_target not in INSTRUCT_TARGETS:
+            raise ModelFolderError(
+                f"{where}: instruct_target must be one of {INSTRUCT_TARGETS}, not {self.instruct_target!r}"
+            )
 
 
 @dataclass

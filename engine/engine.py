@@ -252,10 +252,37 @@ class Engine:
         return self.vae.encode(to_vae_channels(self.vae, x)).latent_dist.mode()
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents to ``(B, 1, S, S)`` float32 images in [0, 1]."""
-        x = self.vae.decode(latents / self.card.latent_scaling).sample.float()
-        return from_model_range(x.mean(dim=1, keepdim=True), self.card.value_range)
+    def decode(self, latents: torch.Tensor, *, clip: bool = True) -> torch.Tensor:
+        """Scaled latents to ``(B, 1, S, S)`` float32 images on the [0, 1] scale.
+
+        Args:
+            clip: clip to [0, 1]; False keeps overshoot (for differences of decodes).
+        """
+        x = self.vae.decode(latents / self.card.latent_scaling).sample.float().mean(dim=1, keepdim=True)
+        if clip:
+            return from_model_range(x, self.card.value_range)
+        lo, hi = self.card.value_range
+        return (x - lo) / (hi - lo)
+
+    @torch.no_grad()
+    def decode_change(self, priors: torch.Tensor, prior_latents: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+        """Images of a ``change`` model's output: the prior plus the decoded change.
+
+        ``prior + D(p + change) - D(p)``: where the model changed nothing the prior's pixels come
+        back exactly, so the VAE's reconstruction error never reaches unchanged anatomy.
+
+        Args:
+            priors: ``(B, 1, S, S)`` [0, 1] prior canvases.
+            prior_latents: ``(B, C, h, w)`` their unscaled VAE modes.
+            change: ``(B, C, h, w)`` sampled changes in the scaled latent space.
+
+        Returns:
+            ``(B, 1, S, S)`` float32 images in [0, 1].
+        """
+        base = prior_latents * self.card.latent_scaling
+        decoded = self.decode(torch.cat([base + change, base]), clip=False)
+        edited, reconstructed = decoded.chunk(2)
+        return (priors.to(edited.device) + edited - reconstructed).clamp(0.0, 1.0)
 
     def prepare(self, image: XRay | np.ndarray) -> tuple[np.ndarray, SquareTransform]:
         """Letterboxes an input onto the model's square canvas.
@@ -299,7 +326,8 @@ class Engine:
             requests: what to make.
             withhold_prior: generate from the text alone (the "text-only" baseline of the
                 evaluation: the prior is replaced by the "no image" condition in every branch,
-                so image guidance has no effect). The prior still fixes the output geometry.
+                so image guidance has no effect). The prior still fixes the output geometry,
+                and a ``change`` model's change is still added to it.
 
         Raises:
             InputError: bad input or settings; non-finite model output.
@@ -356,13 +384,12 @@ class Engine:
             torch.from_numpy(np.stack([distinct[k] for k in order]))[:, None]  # (P, 1, S, S)
         )))
         prior_latents = torch.stack([latents_by_id[id(p)] for p in priors])  # (B, C, h, w)
-        if withhold_prior:
-            prior_latents = null_image_latents(prior_latents)
+        condition = null_image_latents(prior_latents) if withhold_prior else prior_latents
         t2 = time.perf_counter()
         latents = sample_instruct(
             self.unet,
             make_scheduler(scheduler_name, self.parts.scheduler_config),
-            prior_latents,
+            condition,
             text,
             text_mask,
             null,
@@ -375,7 +402,11 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # kernels run asynchronously: time them fully
         t3 = time.perf_counter()
-        images = self.decode(latents)[:, 0].cpu().numpy()  # .cpu() waits for the GPU
+        if self.card.instruct_target == "change":  # withheld or not, the change applies to the prior
+            canvases = torch.from_numpy(np.stack(priors))[:, None]
+            images = self.decode_change(canvases, prior_latents, latents)[:, 0].cpu().numpy()
+        else:
+            images = self.decode(latents)[:, 0].cpu().numpy()  # .cpu() waits for the GPU
         t4 = time.perf_counter()
         if not np.isfinite(images).all():
             raise InputError(

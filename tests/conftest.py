@@ -21,7 +21,8 @@ from fixtures_io import dicom_test_file
 TINY_RESOLUTION = 64
 
 
-def build_tiny_model(out: Path, *, method: str = "instruct", seed: int = 0) -> Path:
+def build_tiny_model(out: Path, *, method: str = "instruct", seed: int = 0,
+                     instruct_target: str = "latent") -> Path:
     """Writes a tiny seeded random model folder (64 px image, 16x16 latent) in the engine's format.
 
     The text encoder is a 2-layer BERT (width 24) with MiniLM's real tokenizer, stored inside
@@ -66,7 +67,7 @@ def build_tiny_model(out: Path, *, method: str = "instruct", seed: int = 0) -> P
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(minilm / name, encoder_dir / name)
     card = ModelCard(
-        name="tiny-test", method=method, resolution=TINY_RESOLUTION,
+        name="tiny-test", method=method, resolution=TINY_RESOLUTION, instruct_target=instruct_target,
         text_encoder=TextEncoderSpec(backend="bert", source="text_encoder", max_tokens=32),
         training_data=({"name": "none (random weights)", "license": "n/a"},),
         license="MIT", description="Random weights for tests.",

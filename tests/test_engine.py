@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import torch
 import pytest
 
 import engine
@@ -166,3 +167,36 @@ def test_several_priors_in_one_batch_equal_single_calls(tiny_engine):
         assert result.image_input.shape == prior.shape
     with pytest.raises(InputError, match="2 priors for 3 requests"):
         tiny_engine.counterfactuals(priors[:2], requests)
+
+
+@pytest.fixture(scope="module")
+def change_engine(tmp_path_factory):
+    """The tiny model saved as a ``change`` model (it diffuses the change from the prior)."""
+    from conftest import build_tiny_model
+
+    folder = build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-change", instruct_target="change")
+    return engine.load(folder, device="cpu", dtype="fp32")
+
+
+def test_change_model_keeps_the_prior_where_it_changes_nothing(change_engine, tiny_engine, monkeypatch):
+    import engine.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "sample_instruct", lambda unet, scheduler, prior_latents, *a, **k: torch.zeros_like(prior_latents))
+    request = EditRequest("no change", seed=1, steps=2)
+    kept = change_engine.counterfactual(_prior(64, 64), request)
+    np.testing.assert_allclose(kept.image, kept.prior, atol=1e-5)  # exact pixels, not the VAE's reconstruction
+    redrawn = tiny_engine.counterfactual(_prior(64, 64), request)  # a latent model decodes the zero latent
+    assert np.abs(redrawn.image - redrawn.prior).mean() > 0.05
+
+
+def test_change_model_adds_the_decoded_change_to_the_prior(change_engine):
+    prior = torch.from_numpy(_prior(64, 64))[None, None]
+    latents = change_engine.encode_prior(prior)
+    change = torch.zeros_like(latents)
+    change[..., :4, :4] = 3.0  # a change in one corner of the latent
+    out = change_engine.decode_change(prior, latents, change)[0, 0].numpy()
+    far = (slice(40, 64), slice(40, 64))
+    assert np.abs(out - prior[0, 0].numpy())[far].max() < np.abs(out - prior[0, 0].numpy())[:16, :16].max()
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    withheld = change_engine.counterfactuals(_prior(64, 64), [EditRequest("edema", seed=4, steps=2)], withhold_prior=True)[0]
+    assert np.abs(withheld.image - withheld.prior).mean() < 0.5  # the change still lands on the prior

@@ -101,6 +101,24 @@ def test_export_is_accepted_by_the_engine(tmp_path, sim_data, rg1_dicom, capsys)
     assert train_main(["export", "--run", cfg.out_dir, "--out", str(model)]) == 2  # exists, no --overwrite
 
 
+
+def test_change_target_trains_on_the_difference_and_reaches_the_card(tmp_path, sim_data):
+    import json
+
+    from train.export import export_run
+
+    cfg = _cfg(tmp_path, sim_data, "change", steps=30, log_every=10, ckpt_every=30, lr=2e-3, hflip=0.0,
+               drop_text=0.0, drop_image=0.0, drop_both=0.0, instruct_target="change")
+    fit(cfg)
+    with (Path(cfg.out_dir) / "log.csv").open() as fh:
+        losses = [float(r["loss"]) for r in csv.DictReader(fh)]
+    assert losses[-1] < losses[0], losses
+    model = export_run(cfg.out_dir, tmp_path / "model")
+    assert json.loads((model / "card.json").read_text())["instruct_target"] == "change"
+    with pytest.raises(InputError, match="instruct_target must be one of"):
+        load_config(TINY, ["--instruct_target=pixels"])
+
+
 @pytest.mark.slow
 def test_other_stages_run_and_vae_feeds_stage1(tmp_path, sim_data):
     from train.export import export_run
@@ -120,3 +138,23 @@ def test_other_stages_run_and_vae_feeds_stage1(tmp_path, sim_data):
     fit(prism)
     t2i = export_run(prism.out_dir, tmp_path / "prism-model")
     assert '"method": "text2image"' in (t2i / "card.json").read_text()
+
+
+def test_tensor_store_keeps_finished_shards_of_an_interrupted_write(tmp_path):
+    from train.data import TensorStore
+
+    def items(n: int, fail_at: int | None = None):
+        for i in range(n):
+            if i == fail_at:
+                raise KeyboardInterrupt("killed")
+            yield f"k{i}", {"params": torch.full((2,), float(i))}
+
+    store = TensorStore(tmp_path / "s")
+    with pytest.raises(KeyboardInterrupt):
+        store.write(items(10, fail_at=7), shard_items=3)  # two shards finished, the third lost
+    reopened = TensorStore(tmp_path / "s")
+    assert len(reopened) == 6 and torch.equal(reopened.get("k5")["params"], torch.full((2,), 5.0))
+    reopened.write(items(10), shard_items=3)  # the rest only
+    assert len(TensorStore(tmp_path / "s")) == 10 and len(list((tmp_path / "s").glob("shard-*"))) == 4
+    (tmp_path / "s" / "index.json").unlink()  # an index lost with its shards intact: read back
+    assert torch.equal(TensorStore(tmp_path / "s").get("k9")["params"], torch.full((2,), 9.0))

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from engine.checkpoint import INSTRUCT_TARGETS
 from engine.errors import InputError
 from engine.text import MINILM_SOURCE
 
@@ -72,6 +73,11 @@ class TrainConfig:
         latent_sample: stages 1/2/prism: diffuse a sample of the VAE posterior (Stable
             Diffusion) or, when false, its mode; use false for small VAEs trained with a weak KL,
             whose posterior spread is a large share of the latent's (the noise is unlearnable).
+        instruct_target: stages 1/2 of an instruct model: diffuse the target's latent
+            (``latent``, InstructPix2Pix/BiomedJourney) or its difference from the prior's
+            latent (``change``; stage 1's prior is the dummy image). The export writes it into
+            the card and the engine adds the prior back. ``change`` spends no capacity on
+            copying the prior, which a small model trained briefly otherwise fails to do.
         seed: seeds data order, augmentation, noise and initial weights.
         log_every: steps between log rows.
         ckpt_every: steps between checkpoints (and one at the end).
@@ -124,6 +130,7 @@ class TrainConfig:
     cache_dir: str | None = None
     kl_weight: float = 1e-6
     latent_sample: bool = True
+    instruct_target: str = "latent"
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 500
@@ -147,6 +154,8 @@ class TrainConfig:
 
         need(self.stage in STAGES, f"stage must be one of {', '.join(STAGES)}, not {self.stage!r}")
         need(self.arch in ARCHS, f"arch must be one of {', '.join(ARCHS)}, not {self.arch!r}")
+        need(self.instruct_target in INSTRUCT_TARGETS,
+             f"instruct_target must be one of {', '.join(INSTRUCT_TARGETS)}, not {self.instruct_target!r}")
         need(self.stage2_target in STAGE2_TARGETS, f"stage2_target must be one of {', '.join(STAGE2_TARGETS)}")
         need(self.mixed_precision in PRECISIONS, f"mixed_precision must be one of {', '.join(PRECISIONS)}")
         need(bool(self.manifest), "manifest is required (images.jsonl, or pairs.jsonl for stage2)")

@@ -141,6 +141,7 @@ def export_run(
         resolution=cfg.resolution,
         text_encoder=spec,
         latent_scaling=models.latent_scaling,
+        instruct_target=cfg.instruct_target if models.method == "instruct" else "latent",
         value_range=tuple(models.value_range),
         intended_use=RESEARCH_USE,
         training_data=training_data(cfg.manifest, cfg.stage, cfg.data_license),

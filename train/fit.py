@@ -191,16 +191,18 @@ def encode_posterior(vae, images: torch.Tensor, value_range: tuple[float, float]
 
 
 def build_latent_cache(cfg: TrainConfig, models: Models, items, device: torch.device) -> tuple[Path, dict[str, tuple[str, str]]]:
-    """Encodes every image (as is and flipped) once with the frozen VAE into a TensorStore.
+    """Encodes every image (as is and, when ``hflip`` is on, flipped) once with the frozen VAE into a TensorStore.
 
     Returns:
-        The store folder and, per image path, the keys of its plain and flipped posteriors.
+        The store folder and, per image path, the keys of its plain and flipped posteriors
+        (both the plain one's when ``hflip`` is 0: flipped posteriors are then never used).
     """
     folder = cfg.cache_path / "latents"
     store = TensorStore(folder)
     paths = sorted({p for item in items for p in (item.image, item.prior) if p is not None})
+    flips = (0, 1) if cfg.hflip > 0 else (0, 0)
     keys = {p: tuple(content_key("latent", models.vae_id, p, os.path.getmtime(p), cfg.resolution, f)
-                     for f in (0, 1)) for p in paths}
+                     for f in flips) for p in paths}
     todo = [p for p in paths if keys[p][0] not in store or keys[p][1] not in store]
     if todo:
         log.info("caching VAE latents of %d images in %s", len(todo), folder)
@@ -210,10 +212,12 @@ def build_latent_cache(cfg: TrainConfig, models: Models, items, device: torch.de
             for start in range(0, len(todo), 32):
                 chunk = todo[start:start + 32]
                 x = torch.stack([load_canvas(p, cfg.resolution) for p in chunk]).to(device)
-                plain, flipped = encode_posterior(vae, x, models.value_range), encode_posterior(vae, x.flip(-1), models.value_range)
+                plain = encode_posterior(vae, x, models.value_range)
+                flipped = encode_posterior(vae, x.flip(-1), models.value_range) if cfg.hflip > 0 else None
                 for i, p in enumerate(chunk):
                     yield keys[p][0], {"params": plain[i]}
-                    yield keys[p][1], {"params": flipped[i]}
+                    if flipped is not None:
+                        yield keys[p][1], {"params": flipped[i]}
 
         store.write(encoded())
     return folder, keys
@@ -510,7 +514,7 @@ def _stage_loss(cfg: TrainConfig, models: Models, model: torch.nn.Module, schedu
             prior_params = encode_posterior(models.vae, images[1], models.value_range) if len(images) > 1 else None
 
     sampled, mode = sample_latents(target_params, gen)  # draw either way: the random stream stays the same
-    latents = (sampled if cfg.latent_sample else mode) * models.latent_scaling
+    latents = sampled if cfg.latent_sample else mode
     states, mask = texts(text)
     drop_text, drop_image = dropout_masks(len(text), cfg, gen)
     states = torch.where(drop_text[:, None, None], null_states.expand_as(states), states)
@@ -521,8 +525,10 @@ def _stage_loss(cfg: TrainConfig, models: Models, model: torch.nn.Module, schedu
             prior = dummy_prior.expand_as(latents)
         else:
             prior = prior_params.chunk(2, dim=1)[0]  # the posterior mode, unscaled (InstructPix2Pix)
+        if cfg.instruct_target == "change":  # the change from the prior, even when the prior is dropped
+            latents = latents - prior
         prior = torch.where(drop_image[:, None, None, None].to(device), torch.zeros_like(prior), prior)
-    return diffusion_loss(model, scheduler, latents, prior, states, mask, gen)
+    return diffusion_loss(model, scheduler, latents * models.latent_scaling, prior, states, mask, gen)
 
 
 def simulate_data(cfg: TrainConfig) -> None:
