@@ -97,6 +97,7 @@ def test_exact_baseline_is_the_simulators_counterfactual(tiny_model, sim_pairs, 
     for row in report["rows"]:
         exact = row["systems"]["exact"]
         assert exact["l1_exact"] == 0.0 and exact["ssim_out"] == pytest.approx(1.0)
+        assert exact["anatomy_dice_exact"] == 1.0 and 0 <= row["systems"]["model"]["anatomy_dice_exact"] <= 1
     assert report["aggregate"]["exact"]["psnr_out"] == ev.PSNR_CAP_DB  # identical: infinite, capped
     assert "\n| exact |" in ev.markdown_report(report)
 
