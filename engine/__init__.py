@@ -7,6 +7,8 @@ The public API::
     xray = engine.io.read_xray("prior.dcm")
     cf = eng.counterfactual(xray, "new moderate right pleural effusion", seed=0)
     cf.image_input                            # (H, W) float32 in [0, 1], the input's geometry
+    ed = eng.invert_edit(xray, "chest x-ray with support devices",
+                         "chest x-ray without support devices")   # method "invert" (PRISM)
 
 Heavy modules (torch, diffusers) load on first use of ``load``/``Engine``, so ``engine.io`` and
 ``engine.errors`` stay cheap to import.
@@ -19,14 +21,22 @@ from typing import TYPE_CHECKING, Any
 from engine.errors import InputError, ModelFolderError
 
 if TYPE_CHECKING:
-    from engine.engine import Counterfactual, EditRequest, Engine, load
+    from engine.engine import AttentionMaps, Counterfactual, EditRequest, Engine, InvertEdit, InvertRequest, load
+    from engine.regions import Regions
 
-__all__ = ["Counterfactual", "EditRequest", "Engine", "InputError", "ModelFolderError", "load"]
+__all__ = [
+    "AttentionMaps", "Counterfactual", "EditRequest", "Engine", "InputError", "InvertEdit", "InvertRequest",
+    "ModelFolderError", "Regions", "load",
+]
 
 
 def __getattr__(name: str) -> Any:
-    if name in {"Counterfactual", "EditRequest", "Engine", "load"}:
+    if name in {"AttentionMaps", "Counterfactual", "EditRequest", "Engine", "InvertEdit", "InvertRequest", "load"}:
         from engine import engine as _engine
 
         return getattr(_engine, name)
+    if name == "Regions":
+        from engine.regions import Regions
+
+        return Regions
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

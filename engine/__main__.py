@@ -1,5 +1,8 @@
 """Command line: ``python -m engine edit | info``.
 
+``edit --method instruct`` (default) follows an instruction with an instruct model;
+``edit --method invert --source-prompt TEXT --target-prompt TEXT [--inversion null-text|
+negative-prompt|direct|ddim] [--word-weight W] [--local-blend WORDS]`` edits by inversion (PRISM).
 ``edit`` writes the counterfactual as a PNG (in the input's geometry, with provenance in the
 PNG's text chunks) and prints one JSON object. Bad input exits with code 2 and one line on
 stderr, never a traceback.
@@ -29,17 +32,40 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m engine", description="CXR Journey engine (research use only).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    edit = sub.add_parser("edit", help="make a counterfactual of one radiograph")
+    edit = sub.add_parser(
+        "edit", help="make a counterfactual of one radiograph",
+        description="--method instruct (default) follows --instruction with an instruct model; "
+                    "--method invert (PRISM) inverts the image under --source-prompt and regenerates it "
+                    "under --target-prompt with prompt-to-prompt control, on any text-to-image model.",
+    )
     edit.add_argument("input", help="prior radiograph: DICOM, PNG or JPEG")
-    edit.add_argument("--instruction", required=True, help="progression description")
     edit.add_argument("--out", required=True, help="output PNG path")
+    edit.add_argument("--method", default="instruct", choices=["instruct", "invert"])
+    edit.add_argument("--instruction", default=None, help="instruct: progression description")
+    edit.add_argument("--source-prompt", default=None, help="invert: a caption of the input")
+    edit.add_argument("--target-prompt", default=None, help="invert: the caption of the wanted image")
     edit.add_argument("--model", default=None, help="model folder or hub id (default: bundled)")
+    edit.add_argument("--unet", default=None, help="UNet override: .safetensors file, folder or hub id")
     edit.add_argument("--severity", default="none", choices=["none", "slight", "moderate", "large"])
-    edit.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
-    edit.add_argument("--steps", type=int, default=20)
-    edit.add_argument("--text-guidance", type=float, default=7.5)
-    edit.add_argument("--image-guidance", type=float, default=1.5)
-    edit.add_argument("--scheduler", default="ddim", choices=["ddim", "euler_a", "dpmpp"])
+    edit.add_argument("--seed", type=int, default=None, help="instruct: random seed (default: random, printed)")
+    edit.add_argument("--steps", type=int, default=None, help="denoising steps (instruct 20, invert 50)")
+    edit.add_argument("--text-guidance", type=float, default=7.5, help="text guidance scale (both methods)")
+    edit.add_argument("--image-guidance", type=float, default=1.5, help="instruct: image guidance scale")
+    edit.add_argument("--scheduler", default="ddim", choices=["ddim", "euler_a", "dpmpp"], help="instruct only")
+    edit.add_argument("--inversion", default="null-text", choices=["null-text", "negative-prompt", "direct", "ddim"])
+    edit.add_argument("--word-weight", type=float, default=1.0,
+                      help="invert: attention re-weighting of the edited words (PRISM: 2.0)")
+    edit.add_argument("--weighted-words", default="", help="invert: words to re-weight (default: the edited words)")
+    edit.add_argument("--local-blend", default="", help="invert: words whose attention confines the edit")
+    edit.add_argument("--blend-threshold", type=float, default=0.3)
+    edit.add_argument("--cross-replace", type=float, default=0.8, help="invert: fraction of steps")
+    edit.add_argument("--self-replace", type=float, default=0.4, help="invert: fraction of steps")
+    edit.add_argument("--edit-mask", default=None, help="image painted where change is allowed (input geometry)")
+    edit.add_argument("--keep-mask", default=None, help="image painted over what must not change")
+    edit.add_argument("--edit-structure", default=None, help="structure where change is allowed, e.g. 'right lung'")
+    edit.add_argument("--keep-structure", default=None, help="structure that must not change, e.g. heart")
+    edit.add_argument("--edit-score", default="none",
+                      help="invert: CLIP folder or open_clip name for the edit score, auto, or none")
     edit.add_argument("--bits", type=int, default=8, choices=[8, 16], help="PNG bit depth")
     edit.add_argument("--device", default="auto", help="auto, cpu or cuda")
     edit.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
@@ -50,23 +76,103 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(w for w in text.replace(",", " ").split() if w)
+
+
+_INSTRUCT_ONLY = {"instruction": None, "severity": "none", "seed": None, "image_guidance": 1.5, "scheduler": "ddim"}
+_INVERT_ONLY = {"source_prompt": None, "target_prompt": None, "inversion": "null-text", "word_weight": 1.0,
+                "weighted_words": "", "local_blend": "", "blend_threshold": 0.3, "cross_replace": 0.8,
+                "self_replace": 0.4, "edit_score": "none"}
+
+
+def _request(args: argparse.Namespace):
+    """The request the arguments describe, validated before the (slow) model load.
+
+    Raises:
+        InputError: a missing caption or instruction, or an option of the other method.
+    """
+    import engine
+
+    other = _INVERT_ONLY if args.method == "instruct" else _INSTRUCT_ONLY
+    stray = [name for name, default in other.items() if getattr(args, name) != default]
+    if stray:
+        flags = ", ".join("--" + name.replace("_", "-") for name in stray)
+        raise InputError(f"{flags} do(es) not apply to --method {args.method}")
+
+    if args.method == "instruct":
+        if not args.instruction:
+            raise InputError("--method instruct needs --instruction (the progression description)")
+        return engine.EditRequest(
+            instruction=args.instruction, severity=args.severity, steps=20 if args.steps is None else args.steps,
+            text_guidance=args.text_guidance, image_guidance=args.image_guidance, seed=args.seed,
+            scheduler=args.scheduler,
+        ).validated()
+    if not args.source_prompt or not args.target_prompt:
+        raise InputError("--method invert needs --source-prompt (a caption of the input) and --target-prompt")
+    return engine.InvertRequest(
+        source_prompt=args.source_prompt, target_prompt=args.target_prompt, inversion=args.inversion,
+        steps=50 if args.steps is None else args.steps, guidance=args.text_guidance, cross_replace=args.cross_replace,
+        self_replace=args.self_replace, word_weight=args.word_weight, weighted_words=_words(args.weighted_words),
+        local_blend=_words(args.local_blend), blend_threshold=args.blend_threshold,
+    ).validated()
+
+
+def _regions(args: argparse.Namespace, pixels):
+    """Edit/keep masks from painted images and structure names (None when none was given)."""
+    from engine.regions import Regions, as_mask, structure_mask
+
+    if not any((args.edit_mask, args.keep_mask, args.edit_structure, args.keep_structure)):
+        return None
+    masks = {}
+    segmenter = None
+    for name, painted, structure in (("edit", args.edit_mask, args.edit_structure),
+                                     ("keep", args.keep_mask, args.keep_structure)):
+        parts = []
+        if painted:
+            parts.append(_read_mask(painted))
+        if structure:
+            if segmenter is None:
+                from engine.analysis.segmentation import load_segmenter
+
+                segmenter = load_segmenter("auto")
+            parts.append(structure_mask(segmenter, pixels, [s.strip() for s in structure.split(",")]))
+        masks[name] = None
+        for part in parts:
+            part = as_mask(part, f"{name} mask")
+            masks[name] = part if masks[name] is None else masks[name] | part
+    return Regions(edit=masks["edit"], keep=masks["keep"])
+
+
+def _read_mask(path: str):
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L"), dtype=np.float32)
+    except UnidentifiedImageError as exc:
+        raise InputError(f"{path} is not an image file; paint the mask as a PNG") from exc
+
+
 def _edit(args: argparse.Namespace) -> dict:
     import engine
     from engine.io import read_xray, write_png
 
     xray = read_xray(args.input)
-    request = engine.EditRequest(
-        instruction=args.instruction,
-        severity=args.severity,
-        steps=args.steps,
-        text_guidance=args.text_guidance,
-        image_guidance=args.image_guidance,
-        seed=args.seed,
-        scheduler=args.scheduler,
-    ).validated()  # before the (slow) model load, so bad settings fail fast
-    eng = engine.load(args.model, device=args.device, dtype=args.dtype)
-    result = eng.counterfactual(xray, request)
-    provenance = result.provenance()
+    request = _request(args)
+    regions = _regions(args, xray.pixels)
+    eng = engine.load(args.model, device=args.device, dtype=args.dtype, unet=args.unet)
+    if args.method == "instruct":
+        result = eng.counterfactuals(xray, [request], regions=regions)[0]
+        provenance = result.provenance()
+    else:
+        from engine.analysis.clip_score import load_clip_scorer
+
+        scorer, note = load_clip_scorer(args.edit_score)
+        result = eng.invert_edit(xray, request, regions=regions, scorer=scorer)
+        provenance = result.provenance()
+        provenance["edit_score_note"] = note
     provenance["input"] = xray.meta.public_dict()
     write_png(
         args.out,

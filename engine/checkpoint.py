@@ -29,7 +29,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,17 @@ TEXT_BACKENDS = ("bert", "clip", "biomedclip")
 INSTRUCT_TARGETS = ("latent", "change")
 RESEARCH_USE = "Research and demonstration only; not for diagnosis or any clinical decision."
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PRISM_SCHEDULER: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+"""PRISM's DDIM settings, given to Stable Diffusion pipeline folders (SD 1.5's own schedule)."""
+PIPELINE_PARTS = ("model_index.json", "vae", "unet", "scheduler", "text_encoder", "tokenizer")
+"""What of a Stable Diffusion pipeline folder the engine reads (and hashes)."""
 
 
 @dataclass(frozen=True)
@@ -253,14 +264,22 @@ def read_card(root: Path) -> ModelCard:
     return ModelCard.from_dict(_read_json(card_path), where=str(card_path))
 
 
-def content_hash(root: Path) -> str:
+def content_hash(root: Path, parts: tuple[str, ...] | None = None) -> str:
     """Sha256 over every file's relative path and bytes, in sorted order.
 
     Two folders with the same hash hold the same model; the hash goes into every result's
     provenance.
+
+    Args:
+        root: the folder.
+        parts: only these top-level files and folders (a hub snapshot of Stable Diffusion also
+            holds multi-gigabyte checkpoints the engine never reads); None: everything.
     """
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts):
+    files = (p for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    if parts is not None:
+        files = (p for p in files if p.relative_to(root).parts[0] in parts)
+    for path in sorted(files):
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(b"\0")
         with path.open("rb") as fh:
@@ -352,15 +371,96 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def is_pipeline_folder(root: Path) -> bool:
+    """True for a diffusers Stable Diffusion pipeline folder (``model_index.json``, no card)."""
+    return (root / "model_index.json").is_file() and not (root / CARD_FILE).is_file()
+
+
+def pipeline_card(root: Path, name: str, vae_config: dict[str, Any], unet_config: dict[str, Any]) -> ModelCard:
+    """The card of a Stable Diffusion 1.5-layout pipeline folder, read from its configs.
+
+    Such folders (SD 1.5, PRISM's base) carry no card: the method is ``text2image``, the text
+    encoder is the folder's CLIP (``text_encoder/`` + ``tokenizer/``, 77 tokens), the latent
+    scaling is the VAE's ``scaling_factor`` and the resolution is the UNet's sample size times
+    the VAE's downsampling.
+
+    Raises:
+        ModelFolderError: the folder lacks a CLIP text encoder or tokenizer.
+    """
+    for part in ("text_encoder", "tokenizer"):
+        if not (root / part).is_dir():
+            raise ModelFolderError(f"{root} has no {part}/; a Stable Diffusion folder needs its CLIP {part}")
+    factor = 2 ** (len(vae_config.get("block_out_channels", [0])) - 1)
+    tokenizer_config = root / "tokenizer" / "tokenizer_config.json"
+    max_tokens = 77
+    if tokenizer_config.is_file():
+        max_tokens = int(min(_read_json(tokenizer_config).get("model_max_length", 77), 77))
+    return ModelCard(
+        name=name,
+        method="text2image",
+        resolution=int(unet_config.get("sample_size", 64)) * factor,
+        text_encoder=TextEncoderSpec(backend="clip", source=".", max_tokens=max_tokens),
+        latent_scaling=float(vae_config.get("scaling_factor", 0.18215)),
+        license="see the model's own licence (Stable Diffusion: CreativeML OpenRAIL-M)",
+        description="Stable Diffusion-layout text-to-image model read from a diffusers folder.",
+        extra={"layout": "diffusers pipeline"},
+    )
+
+
+def _load_unet_override(
+    unet: str | os.PathLike[str], base_config: dict[str, Any], torch_dtype: torch.dtype
+) -> tuple[Any, str]:
+    """A replacement UNet: a ``.safetensors`` file (diffusers keys, the base's config) or a folder/hub id.
+
+    Returns:
+        ``(unet, sha256 of its weights)``.
+    """
+    from diffusers import UNet2DConditionModel
+
+    path = Path(unet).expanduser()
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ModelFolderError(f"UNet override {path} is not a .safetensors file (other formats are not loaded)")
+        config = {k: v for k, v in base_config.items() if not k.startswith("_")}
+        module = UNet2DConditionModel.from_config(config)
+        state = load_file(str(path))
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ModelFolderError(
+                f"UNet override {path} does not fit the base model's UNet (it must hold a diffusers-format "
+                f"UNet2DConditionModel state dict with the base's config): {str(exc)[:300]}"
+            ) from exc
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        return module.to(torch_dtype), digest
+    folder = resolve_hub_or_path(unet, what="UNet")
+    if (folder / "unet" / "config.json").is_file():
+        folder = folder / "unet"
+    _require_part(folder.parent, folder.name, "config.json")
+    try:
+        module = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True, torch_dtype=torch_dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelFolderError(f"Could not load the UNet override in {folder}: {exc}") from exc
+    return module, content_hash(folder)
+
+
 def load_model_parts(
-    model: str | os.PathLike[str], *, torch_dtype: torch.dtype = torch.float32
+    model: str | os.PathLike[str], *, torch_dtype: torch.dtype = torch.float32,
+    unet: str | os.PathLike[str] | None = None,
 ) -> ModelParts:
     """Loads a model folder (or hub id) on the CPU, validated.
+
+    Reads this project's folders (with ``card.json``) and Stable Diffusion 1.5-layout diffusers
+    pipeline folders (``model_index.json``; see :func:`pipeline_card`), whose scheduler gets
+    PRISM's DDIM settings (:data:`PRISM_SCHEDULER`).
 
     Args:
         model: a local folder or a Hugging Face id.
         torch_dtype: dtype of the VAE and UNet weights (the projection stays float32 until
             moved).
+        unet: optional UNet override (PRISM publishes a fine-tuned UNet for SD 1.5): a
+            ``.safetensors`` file with the base UNet's config, or a folder or hub id holding a
+            diffusers UNet (at its root or in ``unet/``).
 
     Returns:
         The parts; move them to a device with ``.to(...)``.
@@ -371,31 +471,49 @@ def load_model_parts(
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     root = resolve_hub_or_path(model)
-    card = read_card(root)
+    pipeline = is_pipeline_folder(root)
     vae_dir = _require_part(root, "vae", "config.json")
     unet_dir = _require_part(root, "unet", "config.json")
     scheduler_dir = _require_part(root, "scheduler", "scheduler_config.json")
+    vae_config, unet_config = _read_json(vae_dir / "config.json"), _read_json(unet_dir / "config.json")
+    if pipeline:
+        name = str(model) if _HUB_ID.match(str(model)) and not Path(model).exists() else root.name
+        card = pipeline_card(root, name, vae_config, unet_config)
+    else:
+        card = read_card(root)
     proj = _load_projection(root)
-    validate_parts(card, _read_json(vae_dir / "config.json"), _read_json(unet_dir / "config.json"), proj)
+    validate_parts(card, vae_config, unet_config, proj)
     try:
         vae = AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True, torch_dtype=torch_dtype)
-        unet = UNet2DConditionModel.from_pretrained(
+        unet_module = None if unet is not None else UNet2DConditionModel.from_pretrained(
             root / "unet", use_safetensors=True, torch_dtype=torch_dtype
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelFolderError(f"Could not load the networks in {root}: {exc}") from exc
     scheduler_config = _read_json(scheduler_dir / "scheduler_config.json")
+    if pipeline:
+        scheduler_config = {**scheduler_config, **PRISM_SCHEDULER, "_class_name": "DDIMScheduler"}
+        digest = content_hash(root, parts=PIPELINE_PARTS)
+    else:
+        digest = content_hash(root)
+    model_id = str(model)
+    if unet is not None:
+        unet_module, unet_digest = _load_unet_override(unet, unet_config, torch_dtype)
+        validate_parts(card, vae_config, dict(unet_module.config), proj)
+        digest = hashlib.sha256(f"{digest}+unet:{unet_digest}".encode()).hexdigest()
+        model_id = f"{model} + unet {unet}"
+        card = replace(card, extra={**card.extra, "unet_override": str(unet)})
     vae.requires_grad_(False).eval()
-    unet.requires_grad_(False).eval()
+    unet_module.requires_grad_(False).eval()
     return ModelParts(
         card=card,
         vae=vae,
-        unet=unet,
+        unet=unet_module,
         scheduler_config=scheduler_config,
         text_projection=proj,
         root=root,
-        model_id=str(model),
-        content_hash=content_hash(root),
+        model_id=model_id,
+        content_hash=digest,
     )
 
 

@@ -8,14 +8,16 @@ made. The UI and the CLI talk to the engine only through these dataclasses.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,11 +26,18 @@ from engine.checkpoint import ModelCard, ModelParts, load_model_parts
 from engine.errors import InputError, ModelFolderError
 from engine.instruct import SCHEDULERS, make_scheduler, null_image_latents, sample_instruct
 from engine.io import SquareTransform, XRay, to_square
+from engine.regions import Regions, composite, latent_mask
 from engine.severity import SEVERITIES, apply_severity
 from engine.text import TextEncoder, load_text_encoder, project
 
+if TYPE_CHECKING:
+    from engine.analysis.clip_score import ClipScorer
+
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "models" / "journey-mini"
 MAX_INSTRUCTION_CHARS = 1000
+INVERSION_CACHE_SIZE = 8
+SELF_REPLACE_MAX_QUERIES = 16 * 16  # prompt-to-prompt replaces self-attention at <= 16x16 layers
+LOCAL_BLEND_START = 0.2  # local blend acts from 20% of the steps on, as in prompt-to-prompt
 SYNTHETIC_LABEL = "SYNTHETIC - research use only, not for diagnosis"
 
 
@@ -109,6 +118,7 @@ class Counterfactual:
         timings: seconds per stage (``text``, ``encode``, ``denoise``, ``decode``, ``total``),
             shared by every item of a batched call.
         prior_withheld: True for the text-only baseline (the model did not see the prior).
+        regions: area fractions of the edit/keep masks the edit was confined by, or None.
         synthetic: always True: this image was generated.
     """
 
@@ -124,11 +134,12 @@ class Counterfactual:
     dtype: str
     timings: dict[str, float] = field(default_factory=dict)
     prior_withheld: bool = False
+    regions: dict[str, float | None] | None = None
     synthetic: bool = True
 
     def provenance(self) -> dict[str, Any]:
         """JSON-ready record of how this image was made (no patient identifiers)."""
-        return {
+        record = {
             "synthetic": True,
             "notice": SYNTHETIC_LABEL,
             "method": "instruct (prior withheld: text only)" if self.prior_withheld else "instruct",
@@ -141,6 +152,190 @@ class Counterfactual:
             "device": self.device,
             "dtype": self.dtype,
             "transform": self.transform.as_dict(),
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+        }
+        if self.regions is not None:
+            record["regions"] = self.regions
+        return record
+
+
+@dataclass(frozen=True)
+class InvertRequest:
+    """One inversion edit (PRISM): invert under ``source_prompt``, regenerate under ``target_prompt``.
+
+    Defaults are PRISM's: 50 DDIM steps, guidance 7.5, null-text inversion with up to 10 inner
+    steps, cross-attention replaced for 80% of the steps and self-attention for 40%.
+
+    Attributes:
+        source_prompt: a caption of the input ("chest x-ray with support devices").
+        target_prompt: the caption of the wanted image ("chest x-ray without support devices").
+        inversion: ``null-text``, ``negative-prompt``, ``direct`` or ``ddim`` (see :mod:`engine.invert`).
+        steps: DDIM steps of the inversion and of the edit.
+        guidance: classifier-free guidance scale of the edit.
+        cross_replace: fraction of steps whose target cross-attention follows the source's.
+        self_replace: fraction of steps whose target self-attention is the source's.
+        word_weight: re-weighting of ``weighted_words`` in the target's cross-attention
+            (PRISM uses 2.0 for the edited words); 1 leaves attention as it is.
+        weighted_words: target words to re-weight; empty means the edited words (target
+            words not in the source).
+        local_blend: words whose cross-attention defines where the edit may act (prompt-to-
+            prompt local blend); empty means no blending.
+        blend_threshold: fraction of the word map's maximum that counts as inside (0.3).
+        inner_steps: null-text: at most this many Adam steps per denoising step.
+    """
+
+    source_prompt: str
+    target_prompt: str
+    inversion: str = "null-text"
+    steps: int = 50
+    guidance: float = 7.5
+    cross_replace: float = 0.8
+    self_replace: float = 0.4
+    word_weight: float = 1.0
+    weighted_words: tuple[str, ...] = ()
+    local_blend: tuple[str, ...] = ()
+    blend_threshold: float = 0.3
+    inner_steps: int = 10
+
+    def validated(self) -> InvertRequest:
+        """Checks every field; returns the request with prompts stripped and word lists as tuples.
+
+        Raises:
+            InputError: naming the field and the allowed values.
+        """
+        from engine.invert import INVERSIONS
+
+        prompts = {}
+        for name in ("source_prompt", "target_prompt"):
+            text = getattr(self, name)
+            text = text.strip() if isinstance(text, str) else ""
+            if not text:
+                what = "input" if name == "source_prompt" else "wanted image"
+                raise InputError(f"{name} is empty; write a caption of the {what}")
+            if len(text) > MAX_INSTRUCTION_CHARS:
+                raise InputError(f"{name} has {len(text)} characters; keep it under {MAX_INSTRUCTION_CHARS}")
+            prompts[name] = text
+        if self.inversion not in INVERSIONS:
+            raise InputError(f"inversion must be one of {', '.join(INVERSIONS)}, not {self.inversion!r}")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= 500:
+            raise InputError(f"steps must be an integer from 1 to 500, not {self.steps!r}")
+        if not isinstance(self.inner_steps, int) or not 1 <= self.inner_steps <= 100:
+            raise InputError(f"inner_steps must be an integer from 1 to 100, not {self.inner_steps!r}")
+        checks = {"guidance": (0, 50), "cross_replace": (0, 1), "self_replace": (0, 1), "word_weight": (0, 20),
+                  "blend_threshold": (0, 1)}
+        for name, (lo, hi) in checks.items():
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not np.isfinite(value) or not lo <= value <= hi:
+                raise InputError(f"{name} must be a number from {lo} to {hi}, not {value!r}")
+        words = {}
+        for name in ("weighted_words", "local_blend"):
+            value = getattr(self, name)
+            value = (value,) if isinstance(value, str) else tuple(value)
+            if not all(isinstance(w, str) and w.strip() and len(w.split()) == 1 for w in value):
+                raise InputError(f"{name} must be single words of the prompts, not {value!r}")
+            words[name] = tuple(w.strip().lower() for w in value)
+        return replace(self, **prompts, **words)
+
+
+@dataclass(frozen=True)
+class AttentionMaps:
+    """Cross-attention maps of an inversion edit, per word and per step, for display.
+
+    Attributes:
+        source_words, target_words: the prompts' words (lower case, whitespace-split).
+        source, target: float32 ``(steps, words, h, w)`` maps on the latent grid (head- and
+            layer-averaged attention of each word's tokens, conditional branch).
+        resolution: the model canvas side; :meth:`word_map` upsamples to it.
+    """
+
+    source_words: tuple[str, ...]
+    target_words: tuple[str, ...]
+    source: np.ndarray
+    target: np.ndarray
+    resolution: int
+
+    def word_map(self, word: str, *, prompt: str = "target", steps: tuple[int, int | None] = (0, None)) -> np.ndarray:
+        """A word's map averaged over ``steps`` (start, stop), as ``(S, S)`` float32 in [0, 1].
+
+        Raises:
+            InputError: unknown prompt, a word not in it, or an empty step range.
+        """
+        if prompt not in ("source", "target"):
+            raise InputError(f"prompt must be source or target, not {prompt!r}")
+        words = self.source_words if prompt == "source" else self.target_words
+        maps = self.source if prompt == "source" else self.target
+        key = word.strip().lower()
+        if key not in words:
+            raise InputError(f"{word!r} is not a word of the {prompt} prompt ({' '.join(words)})")
+        start, stop = steps
+        chosen = maps[start:stop, words.index(key)]
+        if chosen.shape[0] == 0:
+            raise InputError(f"no steps in range {steps} (the edit ran {maps.shape[0]} steps)")
+        m = torch.from_numpy(chosen.mean(0))[None, None]
+        m = torch.nn.functional.interpolate(m, size=(self.resolution, self.resolution), mode="bilinear",
+                                            align_corners=False)[0, 0].numpy()
+        top = float(m.max())
+        return (m / top if top > 0 else m).clip(0, 1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class InvertEdit:
+    """An inversion edit and everything needed to reproduce it.
+
+    Attributes:
+        image: ``(S, S)`` float32 [0, 1] edit at the model's resolution.
+        image_input: the edit mapped back onto the input's geometry.
+        reconstruction: ``(S, S)`` the source branch: what the inversion gives back unedited.
+        prior: ``(S, S)`` the input as the model saw it.
+        request: the request as applied.
+        edit_mode: prompt-to-prompt mode (``replace``, ``refine`` or ``none``).
+        model_id, model_hash, transform, device, dtype: as in :class:`Counterfactual`.
+        timings: seconds per stage (``text``, ``encode``, ``invert``, ``edit``, ``decode``, ``total``).
+        cache_hit: the inversion came from the engine's cache.
+        attention: cross-attention maps per word and step.
+        edit_score: CLIP directional similarity, or None when no scorer was given.
+        regions: area fractions of the edit/keep masks, or None.
+        blend_mask: ``(S, S)`` bool: where local blend let the edit act (None without local blend).
+        synthetic: always True.
+    """
+
+    image: np.ndarray
+    image_input: np.ndarray
+    reconstruction: np.ndarray
+    prior: np.ndarray
+    request: InvertRequest
+    edit_mode: str
+    model_id: str
+    model_hash: str
+    transform: SquareTransform
+    device: str
+    dtype: str
+    timings: dict[str, float]
+    cache_hit: bool
+    attention: AttentionMaps
+    edit_score: float | None = None
+    regions: dict[str, float | None] | None = None
+    blend_mask: np.ndarray | None = None
+    synthetic: bool = True
+
+    def provenance(self) -> dict[str, Any]:
+        """JSON-ready record of how this image was made (no patient identifiers)."""
+        return {
+            "synthetic": True,
+            "notice": SYNTHETIC_LABEL,
+            "method": f"invert ({self.request.inversion})",
+            "request": asdict(self.request),
+            "edit_mode": self.edit_mode,
+            "model_id": self.model_id,
+            "model_hash": self.model_hash,
+            "scheduler": "ddim",
+            "device": self.device,
+            "dtype": self.dtype,
+            "transform": self.transform.as_dict(),
+            "inversion_cache_hit": self.cache_hit,
+            "edit_score": None if self.edit_score is None else round(self.edit_score, 4),
+            "regions": self.regions,
+            "blend_fraction": None if self.blend_mask is None else round(float(self.blend_mask.mean()), 4),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
         }
 
@@ -211,6 +406,7 @@ class Engine:
         )
         self.text_encoder.to(device)
         self._lock = threading.Lock()
+        self._inversions: OrderedDict[tuple, Any] = OrderedDict()
 
     # -- what the model is -------------------------------------------------------------
     @property
@@ -315,6 +511,7 @@ class Engine:
         requests: Sequence[EditRequest],
         *,
         withhold_prior: bool = False,
+        regions: Regions | Sequence[Regions | None] | None = None,
     ) -> list[Counterfactual]:
         """Makes several counterfactuals in batched UNet calls.
 
@@ -328,13 +525,31 @@ class Engine:
                 evaluation: the prior is replaced by the "no image" condition in every branch,
                 so image guidance has no effect). The prior still fixes the output geometry,
                 and a ``change`` model's change is still added to it.
+            regions: optional edit/keep masks (:class:`~engine.regions.Regions`, in each
+                prior's geometry), one for every request or one each: outside the allowed
+                region the latent is reset to the unchanged output at every step and the
+                output pixels are the prior's.
 
         Raises:
-            InputError: bad input or settings; non-finite model output.
+            InputError: bad input or settings; non-finite model output; a text-to-image model
+                (those edit through :meth:`invert_edit`).
         """
         if not requests:
             return []
+        if self.card.method != "instruct":
+            raise InputError(
+                f"{self.model_id} is a {self.card.method} model: it edits by inversion "
+                "(method 'invert', Engine.invert_edit), not by instruction"
+            )
         requests = [r.validated() for r in requests]
+        if regions is None or isinstance(regions, Regions):
+            item_regions: list[Regions | None] = [regions] * len(requests)
+        else:
+            item_regions = list(regions)
+            if len(item_regions) != len(requests):
+                raise InputError(
+                    f"got {len(item_regions)} region specs for {len(requests)} requests; give one or one each"
+                )
         if isinstance(images, (list, tuple)):
             if len(images) != len(requests):
                 raise InputError(f"got {len(images)} priors for {len(requests)} requests; give one or one each")
@@ -342,14 +557,17 @@ class Engine:
         else:
             prepared = [self.prepare(images)] * len(requests)
         results: dict[int, Counterfactual] = {}
-        groups: dict[tuple[int, str], list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault((r.steps, r.scheduler), []).append(i)
+        groups: dict[tuple[int, str, bool], list[int]] = {}
+        for i, r in enumerate(requests):  # items with regions batch apart: they draw extra noise
+            groups.setdefault((r.steps, r.scheduler, item_regions[i] is not None), []).append(i)
         with self._lock:
-            for (steps, scheduler_name), index in groups.items():
+            for (steps, scheduler_name, constrained), index in groups.items():
                 batch = [requests[i] for i in index]
                 priors = [prepared[i][0] for i in index]
-                outputs, timings = self._generate(priors, batch, steps, scheduler_name, withhold_prior)
+                allowed = None
+                if constrained:
+                    allowed = [item_regions[i].canvas(prepared[i][1]) for i in index]
+                outputs, timings = self._generate(priors, batch, steps, scheduler_name, withhold_prior, allowed)
                 for i, r, img in zip(index, batch, outputs):
                     prior_np, transform = prepared[i]
                     results[i] = Counterfactual(
@@ -365,12 +583,13 @@ class Engine:
                         dtype=str(self.dtype).removeprefix("torch."),
                         timings=timings,
                         prior_withheld=withhold_prior,
+                        regions=None if item_regions[i] is None else item_regions[i].summary(),
                     )
         return [results[i] for i in range(len(requests))]
 
     def _generate(
         self, priors: list[np.ndarray], batch: list[EditRequest], steps: int, scheduler_name: str,
-        withhold_prior: bool = False,
+        withhold_prior: bool = False, allowed: list[np.ndarray] | None = None,
     ) -> tuple[list[np.ndarray], dict[str, float]]:
         t0 = time.perf_counter()
         texts = [r.applied_instruction for r in batch]
@@ -385,6 +604,14 @@ class Engine:
         )))
         prior_latents = torch.stack([latents_by_id[id(p)] for p in priors])  # (B, C, h, w)
         condition = null_image_latents(prior_latents) if withhold_prior else prior_latents
+        region: dict[str, torch.Tensor] = {}
+        if allowed is not None:  # RadEdit: the unchanged output is the prior (a zero change)
+            latent_hw = tuple(prior_latents.shape[-2:])
+            region["allowed"] = torch.cat([latent_mask(a, latent_hw) for a in allowed])
+            region["reference"] = (
+                torch.zeros_like(prior_latents) if self.card.instruct_target == "change"
+                else prior_latents * self.card.latent_scaling
+            )
         t2 = time.perf_counter()
         latents = sample_instruct(
             self.unet,
@@ -398,6 +625,7 @@ class Engine:
             image_scale=torch.tensor([r.image_guidance for r in batch]),
             steps=steps,
             generators=[torch.Generator("cpu").manual_seed(int(r.seed)) for r in batch],
+            **region,
         )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # kernels run asynchronously: time them fully
@@ -407,6 +635,8 @@ class Engine:
             images = self.decode_change(canvases, prior_latents, latents)[:, 0].cpu().numpy()
         else:
             images = self.decode(latents)[:, 0].cpu().numpy()  # .cpu() waits for the GPU
+        if allowed is not None:  # outside the allowed region the output is the prior, exactly
+            images = np.stack([composite(img, p, a) for img, p, a in zip(images, priors, allowed)])
         t4 = time.perf_counter()
         if not np.isfinite(images).all():
             raise InputError(
@@ -415,15 +645,197 @@ class Engine:
         timings = {"text": t1 - t0, "encode": t2 - t1, "denoise": t3 - t2, "decode": t4 - t3, "total": t4 - t0}
         return [img.astype(np.float32) for img in images], timings
 
+    # -- the invert method (PRISM) ---------------------------------------------------------------
+    def invert_edit(
+        self,
+        image: XRay | np.ndarray,
+        request: InvertRequest | str,
+        target_prompt: str | None = None,
+        *,
+        regions: Regions | None = None,
+        scorer: ClipScorer | None = None,
+        callback: Callable[[str, int, int], None] | None = None,
+        **options: Any,
+    ) -> InvertEdit:
+        """Edits ``image`` by inversion (method ``invert``): PRISM's path on any text-to-image model.
 
-def load(model: str | os.PathLike[str] | None = None, device: str = "auto", dtype: str = "auto") -> Engine:
+        The image is inverted under the source caption (cached per image, caption, model and
+        settings, so further edits of the same image skip it), then the source and target
+        branches are denoised side by side under prompt-to-prompt control.
+
+        An instruct model runs as a text-to-image model with the prior withheld (the UNet's
+        image channels get the all-zero "no image" condition, as in guidance dropout), and the
+        diffused variable is the image latent itself. For a ``change`` model that is the change
+        from the zero latent, which is the latent itself, so no prior is added back.
+
+        Args:
+            image: the input radiograph (:class:`~engine.io.XRay` or ``(H, W)`` float32 in [0, 1]).
+            request: an :class:`InvertRequest`, or the source caption (then ``target_prompt``
+                and ``**options`` give the rest).
+            target_prompt: the target caption when ``request`` is a string.
+            regions: optional edit/keep masks in the input's geometry (:mod:`engine.regions`).
+            scorer: optional :class:`engine.analysis.clip_score.ClipScorer` for the edit score.
+            callback: ``callback(stage, step, steps)`` with stage ``invert`` or ``edit``.
+            **options: fields of :class:`InvertRequest` when ``request`` is a string.
+
+        Raises:
+            InputError: bad input or settings; non-finite model output.
+        """
+        from engine.invert import NoisePredictor, ddim_schedule, invert, make_ddim, sample_edit
+        from engine.p2p import AttentionController, AttentionRecord, plan_edit, word_maps, word_tokens
+
+        if isinstance(request, str):
+            if target_prompt is None:
+                raise InputError("give a target prompt (the caption of the wanted image)")
+            request = InvertRequest(request, target_prompt, **options)
+        request = request.validated()
+        canvas, transform = self.prepare(image)
+        allowed_canvas = regions.canvas(transform) if regions is not None else None
+
+        def stage(name: str) -> Callable[[int, int], None] | None:
+            return None if callback is None else (lambda i, n: callback(name, i, n))
+
+        with self._lock:
+            t0 = time.perf_counter()
+            (src, tgt, null), masks = self._embed_each([request.source_prompt, request.target_prompt, ""])
+            t1 = time.perf_counter()
+            x0 = self.encode_prior(torch.from_numpy(canvas)[None, None]) * self.card.latent_scaling
+            scheduler = make_ddim(self.parts.scheduler_config)
+            schedule = ddim_schedule(scheduler, request.steps)
+            eps_fn = NoisePredictor(self.unet, scheduler.alphas_cumprod.to(self.device),
+                                    str(scheduler.config.get("prediction_type", "epsilon")))
+            t2 = time.perf_counter()
+            key = self._inversion_key(canvas, request)
+            inversion = self._inversions.get(key)
+            cache_hit = inversion is not None
+            if inversion is None:
+                inversion = invert(eps_fn, x0, src, masks[0], null, masks[2], schedule, inversion=request.inversion,
+                                   guidance=request.guidance, inner_steps=request.inner_steps,
+                                   callback=stage("invert"))
+                self._inversions[key] = inversion
+                while len(self._inversions) > INVERSION_CACHE_SIZE:
+                    self._inversions.popitem(last=False)
+            self._inversions.move_to_end(key)
+            t3 = time.perf_counter()
+
+            tokenizer = self.text_encoder.tokenizer
+            max_tokens = int(src.shape[1])
+            plan = plan_edit(
+                tokenizer, request.source_prompt, request.target_prompt, max_tokens=max_tokens,
+                steps=request.steps, cross_replace=request.cross_replace, self_replace=request.self_replace,
+                word_weight=request.word_weight, weighted_words=request.weighted_words,
+                self_max_tokens=SELF_REPLACE_MAX_QUERIES,
+            )
+            lengths = [len(word_tokens(tokenizer, p)[2]) for p in (request.source_prompt, request.target_prompt)]
+            record = AttentionRecord(tuple(x0.shape[-2:]), keep_tokens=min(max_tokens, 1 + max(lengths)))
+            controller = AttentionController(2, plan, record)
+            blend = self._local_blend(request, tokenizer, max_tokens) if request.local_blend else None
+            allowed = None if allowed_canvas is None else latent_mask(allowed_canvas, tuple(x0.shape[-2:])).to(x0)
+            latents = sample_edit(
+                eps_fn, schedule, inversion, method=request.inversion, source=(src, masks[0]),
+                target=(tgt, masks[1]), null=(null, masks[2]), guidance=request.guidance, controller=controller,
+                blend=blend, allowed=allowed, callback=stage("edit"),
+            )
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t4 = time.perf_counter()
+            images = self.decode(latents)[:, 0].float().cpu().numpy()
+            t5 = time.perf_counter()
+        if not np.isfinite(images).all():
+            raise InputError("The model produced non-finite values (NaN/Inf); try --dtype fp32 or another model")
+        reconstruction, edited = images.astype(np.float32)
+        blend_mask = None
+        if blend is not None:
+            # The last step's mask (the record then holds every step). Outside it the latents
+            # already equal the reconstruction's; the decoder's group norms still couple distant
+            # pixels, so the decoded images are blended with the same mask too.
+            m = blend.mask(record)
+            blend_mask = torch.nn.functional.interpolate(m, size=canvas.shape, mode="nearest")[0, 0].numpy() > 0.5
+            edited = composite(edited, reconstruction, blend_mask.astype(np.float32))
+        if allowed_canvas is not None:  # outside the allowed region the output is the input, exactly
+            edited = composite(edited, canvas, allowed_canvas)
+        source_words, source_maps = word_maps(record, tokenizer, request.source_prompt, 0, max_tokens)
+        target_words, target_maps = word_maps(record, tokenizer, request.target_prompt, 1, max_tokens)
+        score = None
+        if scorer is not None:
+            score = scorer.directional_similarity(canvas, edited, request.source_prompt, request.target_prompt)
+        return InvertEdit(
+            image=edited,
+            image_input=transform.invert(edited),
+            reconstruction=reconstruction,
+            prior=canvas,
+            request=request,
+            edit_mode=plan.mode,
+            model_id=self.model_id,
+            model_hash=self.model_hash,
+            transform=transform,
+            device=self.device.type,
+            dtype=str(self.dtype).removeprefix("torch."),
+            timings={"text": t1 - t0, "encode": t2 - t1, "invert": t3 - t2, "edit": t4 - t3, "decode": t5 - t4,
+                     "total": t5 - t0},
+            cache_hit=cache_hit,
+            attention=AttentionMaps(tuple(source_words), tuple(target_words), source_maps, target_maps,
+                                    self.resolution),
+            edit_score=score,
+            regions=None if regions is None else regions.summary(),
+            blend_mask=blend_mask,
+        )
+
+    def _inversion_key(self, canvas: np.ndarray, request: InvertRequest) -> tuple:
+        """What an inversion depends on: the pixels, the source caption, the model and the settings.
+
+        ``ddim``, ``negative-prompt`` and ``direct`` share the plain DDIM inversion; null-text's
+        embeddings also depend on the guidance scale and the inner steps.
+        """
+        from engine.invert import inversion_kind
+
+        kind = inversion_kind(request.inversion)
+        return (hashlib.sha256(canvas.tobytes()).hexdigest(), request.source_prompt, self.model_hash, kind,
+                request.steps, str(self.dtype), self.device.type,
+                (request.guidance, request.inner_steps) if kind == "null-text" else None)
+
+    def clear_inversion_cache(self) -> None:
+        """Forgets every cached inversion (benchmarks time a cold edit with it)."""
+        with self._lock:
+            self._inversions.clear()
+
+    def _embed_each(self, texts: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Each text's ``(1, L, D)`` states and ``(1, L)`` mask (None where every token counts)."""
+        states, mask = self._embed(texts)
+        return ([states[i : i + 1] for i in range(len(texts))],
+                [None if bool(mask[i].all()) else mask[i : i + 1] for i in range(len(texts))])
+
+    def _local_blend(self, request: InvertRequest, tokenizer: Any, max_tokens: int):
+        """Prompt-to-prompt's local blend over the request's blend words (each in either prompt)."""
+        from engine.p2p import LocalBlend, prompt_words, token_positions
+
+        found = {}
+        for name, prompt in (("source", request.source_prompt), ("target", request.target_prompt)):
+            words = [w for w in request.local_blend if w in prompt_words(prompt)]
+            found[name] = tuple(token_positions(tokenizer, prompt, words, max_tokens)) if words else ()
+        missing = [w for w in request.local_blend
+                   if w not in prompt_words(request.source_prompt) and w not in prompt_words(request.target_prompt)]
+        if missing:
+            raise InputError(
+                f"local-blend word(s) {', '.join(missing)} are in neither prompt; pick words of the prompts"
+            )
+        return LocalBlend(found["source"], found["target"], request.blend_threshold,
+                          start=int(round(LOCAL_BLEND_START * request.steps)))
+
+
+def load(model: str | os.PathLike[str] | None = None, device: str = "auto", dtype: str = "auto", *,
+         unet: str | os.PathLike[str] | None = None) -> Engine:
     """Loads a model folder or hub id into an :class:`Engine`.
 
     Args:
         model: a folder or Hugging Face id; None means the bundled default
-            (``assets/models/journey-mini``).
+            (``assets/models/journey-mini``). Instruct models edit both ways (instruction and
+            inversion); text-to-image models, including Stable Diffusion 1.5-layout diffusers
+            folders, edit by inversion only.
         device: ``auto``, ``cpu`` or ``cuda``.
         dtype: ``auto`` (bf16/fp16 on CUDA, fp32 on the CPU), ``fp32``, ``fp16``, ``bf16``.
+        unet: optional UNet override (PRISM's fine-tuned UNet on SD 1.5): a ``.safetensors``
+            file, or a folder or hub id (see :func:`engine.checkpoint.load_model_parts`).
 
     Raises:
         ModelFolderError: the model is missing or inconsistent (message says what to do).
@@ -434,7 +846,7 @@ def load(model: str | os.PathLike[str] | None = None, device: str = "auto", dtyp
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     with _quiet_loading():
-        return _load(model, torch_device, torch_dtype)
+        return _load(model, torch_device, torch_dtype, unet)
 
 
 @contextlib.contextmanager
@@ -454,13 +866,9 @@ def _quiet_loading() -> Iterator[None]:
             diffusers_logging.enable_progress_bar()
 
 
-def _load(model: str | os.PathLike[str], torch_device: torch.device, torch_dtype: torch.dtype) -> Engine:
-    parts = load_model_parts(model, torch_dtype=torch_dtype)
-    if parts.card.method != "instruct":
-        raise InputError(
-            f"{model} is a {parts.card.method} model; this engine's edit path needs an "
-            "instruct model (inversion editing arrives with method='invert')"
-        )
+def _load(model: str | os.PathLike[str], torch_device: torch.device, torch_dtype: torch.dtype,
+          unet: str | os.PathLike[str] | None = None) -> Engine:
+    parts = load_model_parts(model, torch_dtype=torch_dtype, unet=unet)
     encoder = load_text_encoder(parts.card.text_encoder, parts.root)
     expected = parts.text_projection.in_features if parts.text_projection else int(parts.unet.config.cross_attention_dim)
     if encoder.width != expected:

@@ -22,6 +22,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestral
 from diffusers.utils.torch_utils import randn_tensor
 
 from engine.guidance import dual_cfg
+from engine.regions import blend_region
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -89,6 +90,8 @@ def sample_instruct(
     steps: int,
     generators: Sequence[torch.Generator],
     callback: StepCallback | None = None,
+    allowed: torch.Tensor | None = None,
+    reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Runs the reverse diffusion for a batch of (prior, instruction) pairs.
 
@@ -105,6 +108,11 @@ def sample_instruct(
         steps: denoising steps.
         generators: one ``torch.Generator`` per item (start noise and ancestral noise).
         callback: called as ``callback(step, steps)`` after every step.
+        allowed: optional ``(B, 1, h, w)`` latent mask of where change is allowed (RadEdit;
+            :mod:`engine.regions`); elsewhere the latent is reset before every step to
+            ``reference`` noised to that step's level, and to ``reference`` itself at the end.
+        reference: ``(B, C, h, w)`` the "unchanged" output in the scaled latent space (the
+            prior's latent, or zeros for a ``change`` model); needed with ``allowed``.
 
     Returns:
         ``(B, C, h, w)`` denoised latents in the scaled latent space.
@@ -126,8 +134,17 @@ def sample_instruct(
     image_cond = torch.cat([prior_latents, prior_latents, null_image_latents(prior_latents)])
     s_txt = _per_item(text_scale, batch, device, dtype)
     s_img = _per_item(image_scale, batch, device, dtype)
+    if allowed is not None:
+        if reference is None or reference.shape != prior_latents.shape:
+            raise ValueError("a region mask needs a reference latent shaped like the prior latents")
+        allowed = allowed.to(device=device, dtype=dtype)
+        reference = reference.to(device=device, dtype=dtype)
+        region_noise = initial_noise(prior_latents.shape, generators, dtype=dtype, device=device)
 
     for i, t in enumerate(scheduler.timesteps):
+        if allowed is not None:
+            noised = scheduler.add_noise(reference, region_noise, t.reshape(1))
+            latents = blend_region(latents, noised, allowed)
         model_in = scheduler.scale_model_input(torch.cat([latents] * 3), t)
         model_in = torch.cat([model_in, image_cond], dim=1)  # (3B, 2C, h, w)
         eps = unet(
@@ -139,6 +156,8 @@ def sample_instruct(
         latents = scheduler.step(eps, t, latents, generator=list(generators)).prev_sample
         if callback is not None:
             callback(i + 1, steps)
+    if allowed is not None:
+        latents = blend_region(latents, reference, allowed)
     return latents
 
 

@@ -9,6 +9,7 @@ Pure tensor/numpy code shared by the UI and the evaluator (``python -m train eva
 * :mod:`engine.analysis.attention`: Grad-CAM and gradient saliency for one finding.
 * :mod:`engine.analysis.segmentation`: anatomy masks (torchxrayvision's PSPNet or the bundled
   small segmenter), Dice between prior and counterfactual masks.
+* :mod:`engine.analysis.clip_score`: CLIP directional similarity, the edit score PRISM filters by.
 * :mod:`engine.analysis.metrics`: CMIG, AUROC, Pearson, KL, Dice, L1, CPG, PSNR/SSIM.
 * :mod:`engine.analysis.render`: colour maps, overlays and figures (matplotlib Agg, no GUI).
 * :mod:`engine.analysis.xrv`: torchxrayvision weight files, offline checks and range converters.
@@ -26,7 +27,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-_SUBMODULES = ("attention", "classifier", "delta", "metrics", "render", "segmentation", "smallnet", "xrv")
+_SUBMODULES = ("attention", "classifier", "clip_score", "delta", "metrics", "render", "segmentation", "smallnet", "xrv")
 
 __all__ = list(_SUBMODULES)
 

@@ -1,0 +1,160 @@
+"""Region-constrained editing: where an edit may change the image, and what must not change.
+
+RadEdit's recipe, for both methods: an *edit mask* (change allowed) and a *keep mask* (must not
+change) combine into one "allowed" mask ``edit * (1 - keep)``. In latent space, at every
+denoising step, the edited latent is reset outside the allowed region to the input's latent at
+the same noise level (the inverted trajectory for ``invert``; the forward-noised input for
+``instruct``), so the model fills the allowed region in harmony with what is kept. Because a
+VAE never reproduces pixels exactly, the decoded image is finally composited in pixel space:
+outside the allowed region the output *is* the input.
+
+Masks come from a painted image (:class:`Regions` takes one as it is), from an anatomical structure
+name through a segmenter (:func:`structure_mask`), or from a result's cross-attention maps
+(:func:`attention_mask`). Masks are given in the input's geometry (like the image) and follow
+it onto the model canvas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.errors import InputError
+from engine.io import SquareTransform
+
+
+@dataclass(frozen=True)
+class Regions:
+    """Edit and keep masks in the input's geometry, either may be None.
+
+    Give bool masks or painted images (grey or RGB(A), any numeric type; see :func:`as_mask`);
+    they are stored as bool ``(H, W)`` arrays.
+
+    Attributes:
+        edit: where change is allowed (None: everywhere).
+        keep: what must not change (None: nothing).
+
+    Raises:
+        InputError: a mask that is not a 2-D image or not finite.
+    """
+
+    edit: np.ndarray | None = None
+    keep: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "edit", as_mask(self.edit, "edit mask"))
+        object.__setattr__(self, "keep", as_mask(self.keep, "keep mask"))
+
+    def allowed(self, shape: tuple[int, int]) -> np.ndarray:
+        """``(H, W)`` float32: 1 where change is allowed (edit minus keep).
+
+        Raises:
+            InputError: a mask's shape differs from the image's.
+        """
+        out = np.ones(shape, np.float32)
+        for name, mask in (("edit", self.edit), ("keep", self.keep)):
+            if mask is None:
+                continue
+            if mask.shape != tuple(shape):
+                raise InputError(f"the {name} mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                                 f"{shape[1]}x{shape[0]}; paint it on the same image")
+            out *= mask if name == "edit" else ~mask
+        return out
+
+    def canvas(self, transform: SquareTransform) -> np.ndarray:
+        """``(S, S)`` float32 allowed mask on the model canvas (the padding counts as kept)."""
+        allowed = self.allowed(transform.input_shape)
+        return (transform.apply(allowed) > 0.5).astype(np.float32)
+
+    def summary(self) -> dict[str, float | None]:
+        """Area fractions for provenance (no pixels)."""
+        return {
+            "edit_fraction": None if self.edit is None else round(float(self.edit.mean()), 4),
+            "keep_fraction": None if self.keep is None else round(float(self.keep.mean()), 4),
+        }
+
+
+def as_mask(mask: Any, what: str = "mask") -> np.ndarray | None:
+    """A painted image as a bool mask (None stays None).
+
+    Bool arrays are taken as they are; other arrays count as in where above half their maximum
+    (an RGB(A) image by its brightest channel, where not transparent).
+
+    Raises:
+        InputError: not 2-D, or not finite.
+    """
+    if mask is None:
+        return None
+    if isinstance(mask, np.ndarray) and mask.dtype == bool and mask.ndim == 2 and mask.size:
+        return mask
+    arr = np.asarray(mask, dtype=np.float64)
+    if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):  # a painted RGB(A) image
+        arr = arr[..., :3].max(-1) if arr.shape[-1] != 4 else np.where(arr[..., 3] > 0, arr[..., :3].max(-1), 0)
+    if arr.ndim != 2 or arr.size == 0:
+        raise InputError(f"the {what} must be a 2-D image, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise InputError(f"the {what} has non-finite values")
+    top = arr.max()
+    return arr > (top / 2 if top > 0 else 0.5)
+
+
+def latent_mask(canvas_mask: np.ndarray | torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """``(S, S)`` allowed mask to ``(1, 1, h, w)``: the allowed fraction of each latent cell."""
+    m = torch.as_tensor(np.asarray(canvas_mask, np.float32))[None, None]
+    return F.adaptive_avg_pool2d(m, latent_hw)
+
+
+def blend_region(latents: torch.Tensor, reference: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``reference + allowed * (latents - reference)``: the reference wherever change is not allowed."""
+    return reference + allowed.to(latents) * (latents - reference)
+
+
+def composite(edited: np.ndarray, original: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Pixel-space composite: the edit where allowed, the original elsewhere (float32, same shape)."""
+    return (original + allowed * (edited - original)).astype(np.float32)
+
+
+def structure_mask(segmenter: Any, image: np.ndarray, names: str | list[str], *, dilate: int = 0) -> np.ndarray:
+    """The union of named anatomical structures as a bool mask on ``image``'s geometry.
+
+    Args:
+        segmenter: an :class:`engine.analysis.segmentation.Segmenter`.
+        image: ``(H, W)`` float32 in [0, 1].
+        names: structure name(s), e.g. ``"right_lung"`` or ``"right lung"`` (the patient's side).
+        dilate: grow the mask by this many pixels.
+
+    Raises:
+        InputError: an unknown structure name (the message lists the known ones).
+    """
+    wanted = [names] if isinstance(names, str) else list(names)
+    masks = segmenter.segment(image[None])[0]
+    out = np.zeros(image.shape, bool)
+    for name in wanted:
+        key = name.strip().lower().replace(" ", "_").replace("-", "_")
+        if key not in masks:
+            raise InputError(f"unknown structure {name!r}; the segmenter knows {', '.join(sorted(masks))}")
+        m = np.asarray(masks[key], bool)
+        if m.shape != image.shape:
+            t = torch.from_numpy(m.astype(np.float32))[None, None]
+            m = F.interpolate(t, size=image.shape, mode="nearest")[0, 0].numpy() > 0.5
+        out |= m
+    if dilate > 0:
+        t = torch.from_numpy(out.astype(np.float32))[None, None]
+        out = F.max_pool2d(t, 2 * dilate + 1, stride=1, padding=dilate)[0, 0].numpy() > 0.5
+    return out
+
+
+def attention_mask(maps: np.ndarray, threshold: float = 0.3) -> np.ndarray:
+    """A bool mask from a cross-attention map (e.g. :meth:`engine.engine.AttentionMaps.word_map`).
+
+    The map is normalised to its maximum and thresholded, as prompt-to-prompt's local blend does.
+    """
+    m = np.asarray(maps, np.float64)
+    if not 0.0 < threshold < 1.0:
+        raise InputError(f"the attention threshold must be between 0 and 1, not {threshold!r}")
+    top = m.max()
+    return m > threshold * top if top > 0 else np.zeros(m.shape, bool)
