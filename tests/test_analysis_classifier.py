@@ -78,6 +78,26 @@ def test_small_classifier_is_deterministic_and_small():
     assert smallnet.parameter_count(default) < 2_000_000
 
 
+def test_avgmax_pool_round_trips_and_old_folders_default_to_avg(tmp_path):
+    config = smallnet.SmallNetConfig(kind="classifier", targets=FIVE, input_resolution=32, widths=(8, 16), groups=4,
+                                     pool="avgmax")
+    c = clf.SmallClassifier(smallnet.build(config, torch.Generator().manual_seed(2)), smallnet.SmallNetCard(name="mx"))
+    assert c.net.head.in_features == 32
+    folder = c.save(tmp_path / "mx")
+    assert json.loads((folder / "config.json").read_text())["pool"] == "avgmax"
+    loaded = clf.SmallClassifier.load(folder)
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(loaded.predict(x), c.predict(x), atol=1e-6)
+    # a folder written before the option (no "pool" key) still loads, with average pooling
+    old = tiny_classifier(seed=1).save(tmp_path / "old")
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["pool"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    assert smallnet.load(old)[0].config.pool == "avg"
+    with pytest.raises(ModelFolderError, match="pool must be one of"):
+        smallnet.SmallNetConfig(kind="classifier", targets=FIVE, input_resolution=32, widths=(8, 16), groups=4, pool="sum")
+
+
 def test_small_folder_errors_say_what_is_wrong(tmp_path):
     with pytest.raises(ModelFolderError, match="config.json is missing"):
         smallnet.load(tmp_path)

@@ -15,7 +15,9 @@ heart inside the mediastinum). Inputs are ``(B, 1, R, R)`` images in ``input_ran
 Architectures (kept under ~2 M parameters at the default widths, 128-256 px):
 
 * ``cxr-small-cnn``: per stage a stride-2 3x3 conv and a 3x3 conv, GroupNorm + SiLU; global
-  average pooling and a linear head. The last stage's feature map is Grad-CAM's layer.
+  pooling (``pool``: ``avg``, or ``avgmax``, average and max concatenated, so that small findings
+  such as a thin pleural line or catheter are not diluted) and a linear head. The last stage's
+  feature map is Grad-CAM's layer.
 * ``cxr-small-unet``: the same encoder with a U-Net decoder (nearest upsampling, skip
   concatenation), a 1x1 conv to one logit per structure at full resolution.
 
@@ -41,6 +43,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "card.json"
 FORMAT_VERSION = 1
+POOLS = ("avg", "avgmax")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ class SmallNetConfig:
         input_range: the value range of its input (``[0, 1]`` images are mapped onto it).
         widths: channels per encoder stage (each stage halves the resolution).
         groups: GroupNorm groups (must divide every width).
+        pool: classifier global pooling, ``avg`` (default; folders without the key) or ``avgmax``
+            (average and max pooling concatenated before the linear head).
         architecture: ``cxr-small-cnn`` or ``cxr-small-unet`` (follows from ``kind``).
         format_version: folder format version.
     """
@@ -64,6 +69,7 @@ class SmallNetConfig:
     input_range: tuple[float, float] = (-1.0, 1.0)
     widths: tuple[int, ...] = (32, 64, 128, 256)
     groups: int = 8
+    pool: str = "avg"
     architecture: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -87,6 +93,8 @@ class SmallNetConfig:
             raise ModelFolderError(
                 f"input_resolution {self.input_resolution} must be a multiple of 2**{len(self.widths)} (one halving per stage)"
             )
+        if self.pool not in POOLS:
+            raise ModelFolderError(f"pool must be one of {POOLS}, not {self.pool!r}")
         lo, hi = self.input_range
         if not hi > lo:
             raise ModelFolderError(f"input_range must be increasing, got {self.input_range}")
@@ -188,13 +196,15 @@ class SmallEncoder(nn.Module):
 
 
 class SmallClassifierNet(nn.Module):
-    """``cxr-small-cnn``: encoder, global average pool, linear head (one logit per target)."""
+    """``cxr-small-cnn``: encoder, global average (or average + max) pool, linear head (one logit
+    per target)."""
 
     def __init__(self, config: SmallNetConfig) -> None:
         super().__init__()
         self.config = config
         self.encoder = SmallEncoder(config.widths, config.groups)
-        self.head = nn.Linear(config.widths[-1], len(config.targets))
+        pooled = config.widths[-1] * (2 if config.pool == "avgmax" else 1)
+        self.head = nn.Linear(pooled, len(config.targets))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, R, R)`` net-range input to the last feature map ``(B, C, R/2^n, R/2^n)``."""
@@ -202,7 +212,10 @@ class SmallClassifierNet(nn.Module):
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         """Feature map to logits ``(B, T)``."""
-        return self.head(features.mean(dim=(2, 3)))
+        pooled = features.mean(dim=(2, 3))
+        if self.config.pool == "avgmax":
+            pooled = torch.cat([pooled, features.amax(dim=(2, 3))], dim=1)
+        return self.head(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.features(x))
