@@ -11,16 +11,14 @@ networks see the same prior-acquisition / follow-up-findings mix the evaluator f
 Held-out metrics (AUROC per label, Dice per structure) are measured on ``--eval-data``, a folder
 simulated with another seed, and written into the folder's ``card.json``::
 
-    python -m train simulate --out data/sim-train --patients 1200 --visits 5 --seed 1 --workers 16
-    python -m train simulate --out data/sim-heldout --patients 100 --visits 4 --seed 2 --workers 16
-    python -m train analysis --kind classifier --data data/sim-train --eval-data data/sim-heldout \\
+    python -m train simulate --out data/sim-train --patients 900 --visits 5 --seed 21 --workers 2
+    python -m train simulate --out data/sim-eval500 --patients 170 --visits 4 --seed 7 --workers 2
+    python -m train analysis --kind classifier --data data/sim-train --eval-data data/sim-eval500 \\
         --out assets/models/cxr-classifier-mini
-    python -m train analysis --kind segmenter --data data/sim-train --eval-data data/sim-heldout \\
+    python -m train analysis --kind segmenter --data data/sim-train --eval-data data/sim-eval500 \\
         --out assets/models/cxr-segmenter-mini
 
-The bundled folders were trained on CPU (one thread) with these commands (data/sim-train:
-``--patients 900 --visits 5 --seed 21``; data/sim-eval500: ``--patients 170 --visits 4 --seed 7``).
-The classifier has five stages starting at 16 channels, so it keeps the full 256 px input (thin
+The bundled classifier was trained on the CPU (one thread). It has five stages starting at 16 channels, so it keeps the full 256 px input (thin
 pneumothorax lines and catheters) at about a third of the four-stage net's cost, and average + max
 pooling (small findings are not averaged away); 1000 steps from scratch, then 300 at a lower peak::
 
