@@ -476,8 +476,10 @@ class Engine:
             ``(B, 1, S, S)`` float32 images in [0, 1].
         """
         base = prior_latents * self.card.latent_scaling
-        decoded = self.decode(torch.cat([base + change, base]), clip=False)
-        edited, reconstructed = decoded.chunk(2)
+        # A journey repeats one prior for every rung: decode each distinct prior latent once.
+        distinct, which = torch.unique(base.flatten(1), dim=0, return_inverse=True)
+        decoded = self.decode(torch.cat([base + change, distinct.view(-1, *base.shape[1:])]), clip=False)
+        edited, reconstructed = decoded[: len(base)], decoded[len(base):][which]
         return (priors.to(edited.device) + edited - reconstructed).clamp(0.0, 1.0)
 
     def prepare(self, image: XRay | np.ndarray) -> tuple[np.ndarray, SquareTransform]:

@@ -200,3 +200,14 @@ def test_change_model_adds_the_decoded_change_to_the_prior(change_engine):
     assert out.min() >= 0.0 and out.max() <= 1.0
     withheld = change_engine.counterfactuals(_prior(64, 64), [EditRequest("edema", seed=4, steps=2)], withhold_prior=True)[0]
     assert np.abs(withheld.image - withheld.prior).mean() < 0.5  # the change still lands on the prior
+
+
+def test_change_model_journey_decodes_the_shared_prior_once(change_engine, monkeypatch):
+    calls = []
+    decode = change_engine.decode
+    monkeypatch.setattr(change_engine, "decode", lambda latents, **k: calls.append(len(latents)) or decode(latents, **k))
+    requests = [EditRequest("new right pleural effusion", severity=s, seed=2, steps=2) for s in ("slight", "moderate", "large")]
+    rungs = change_engine.counterfactuals(_prior(64, 64), requests)
+    assert calls == [3 + 1]  # three edits and one prior reconstruction
+    for request, rung in zip(requests, rungs):
+        np.testing.assert_allclose(rung.image, change_engine.counterfactual(_prior(64, 64), request).image, atol=1e-5)
