@@ -151,6 +151,8 @@ class XRayMeta:
         bits_stored: DICOM *Bits Stored*, or the sample depth of a PNG/JPEG (8 or 16).
         transfer_syntax: the DICOM *Transfer Syntax UID* (e.g. ``"1.2.840.10008.1.2.1"``).
         patient_id: DICOM *Patient ID* (identifying: not in :meth:`public_dict`).
+        patient_name: DICOM *Patient's Name* as written in the file (PN, e.g.
+            ``"Doe^Jane"``; identifying).
         study_id: DICOM *Study ID* (identifying).
         study_instance_uid: DICOM *Study Instance UID* (identifying).
         study_date: DICOM *Study Date* as ISO ``YYYY-MM-DD`` (identifying).
@@ -168,6 +170,7 @@ class XRayMeta:
     bits_stored: int | None = None
     transfer_syntax: str | None = None
     patient_id: str | None = None
+    patient_name: str | None = None
     study_id: str | None = None
     study_instance_uid: str | None = None
     study_date: str | None = None
@@ -175,7 +178,7 @@ class XRayMeta:
 
     #: Fields that identify a patient or a study (or may, like a file name): left out of
     #: :meth:`public_dict`.
-    IDENTIFYING_FIELDS = ("name", "patient_id", "study_id", "study_instance_uid", "study_date")
+    IDENTIFYING_FIELDS = ("name", "patient_id", "patient_name", "study_id", "study_instance_uid", "study_date")
 
     def as_dict(self) -> dict[str, Any]:
         """All fields as a JSON-safe dict (tuples become lists)."""
@@ -796,6 +799,7 @@ def _dataset_to_xray(ds: Dataset, label: str, name: str | None, max_pixels: int,
         bits_stored=_get_int(ds, "BitsStored"),
         transfer_syntax=str(tsyntax) if tsyntax else None,
         patient_id=_get_str(ds, "PatientID"),
+        patient_name=_get_str(ds, "PatientName"),
         study_id=_get_str(ds, "StudyID"),
         study_instance_uid=_get_str(ds, "StudyInstanceUID"),
         study_date=_iso_date(_get_str(ds, "StudyDate")),

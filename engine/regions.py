@@ -24,7 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import InputError
-from engine.io import SquareTransform
+from engine.io import SquareTransform, to_square
+
+STRUCTURE_CANVAS = 512
+"""Square canvas a non-square image is letterboxed onto for segmentation."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,10 @@ def structure_mask(segmenter: Any, image: np.ndarray, names: str | list[str], *,
         InputError: an unknown structure name (the message lists the known ones).
     """
     wanted = [names] if isinstance(names, str) else list(names)
+    h, w = image.shape
+    transform = None
+    if h != w:  # segmenters take square images: letterbox, segment, map the masks back
+        image, transform = to_square(image, STRUCTURE_CANVAS)
     masks = segmenter.segment(image[None])[0]
     out = np.zeros(image.shape, bool)
     for name in wanted:
@@ -145,6 +152,8 @@ def structure_mask(segmenter: Any, image: np.ndarray, names: str | list[str], *,
     if dilate > 0:
         t = torch.from_numpy(out.astype(np.float32))[None, None]
         out = F.max_pool2d(t, 2 * dilate + 1, stride=1, padding=dilate)[0, 0].numpy() > 0.5
+    if transform is not None:
+        out = transform.invert(out.astype(np.float32)) > 0.5
     return out
 
 
