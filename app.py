@@ -15,28 +15,38 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import argparse
 import sys
 
+MAX_UPLOAD = "300mb"  # a large uncompressed DICOM is < 100 MB; bigger uploads are refused by the server
+
 
 def main(argv: list[str] | None = None) -> int:
     """Parses arguments (also from CXR_* environment variables), loads the model, serves."""
     parser = argparse.ArgumentParser(description="CXR Journey workstation (research use only)")
     parser.add_argument("--model", default=os.environ.get("CXR_MODEL"),
                         help="model folder or hub id (default: the bundled journey-mini)")
-    parser.add_argument("--host", default=os.environ.get("CXR_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("CXR_PORT", "7860")))
-    parser.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
+    parser.add_argument("--host", default=os.environ.get("CXR_HOST") or os.environ.get("GRADIO_SERVER_NAME")
+                        or "127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int,
+                        default=int(os.environ.get("CXR_PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860))
+    parser.add_argument("--share", action="store_true", default=os.environ.get("CXR_SHARE") == "1",
+                        help="ask Gradio for a public share link (off unless asked)")
     parser.add_argument("--device", default=os.environ.get("CXR_DEVICE", "auto"), help="auto, cpu or cuda")
+    parser.add_argument("--concurrency", type=int, default=int(os.environ.get("CXR_CONCURRENCY", "1")),
+                        help="model calls run at once; further requests queue (default 1)")
     args = parser.parse_args(argv)
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
 
     import engine
     from journey_ui import build
 
     try:
         eng = engine.load(args.model, device=args.device)
-    except engine.InputError as exc:
+    except (engine.InputError, engine.ModelFolderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    build(eng).queue(default_concurrency_limit=1).launch(
-        server_name=args.host, server_port=args.port, share=args.share,
+    demo = build(eng, concurrency=args.concurrency)
+    demo.queue(default_concurrency_limit=args.concurrency).launch(
+        server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD, ssr_mode=False,
     )
     return 0
 

@@ -1,28 +1,305 @@
-"""The workstation served on 127.0.0.1 and driven through gradio_client (no browser)."""
+"""The workstation: every control's handler with a tiny engine, then the app served on 127.0.0.1
+and driven through gradio_client (the real-browser test is tests/test_browser.py)."""
 
 from __future__ import annotations
 
 import json
+import random
+import shutil
+from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
+from PIL import Image
 
-from journey_ui.app import DISPLAY_MIN_SIDE, mark_synthetic
+from engine.errors import InputError
+from journey_ui import views
+from journey_ui.app import example_files, series_example
+from journey_ui.workstation import (
+    METHODS, Session, Workstation, close_session, ladder_instructions, order_series, painted_mask, target_structure,
+)
+
+SETTINGS = dict(steps=2, text_g=7.5, image_g=1.5, seed=3, random_seed=False)
 
 
+def edit_args(method: str = METHODS[0], instruction: str = "new right pleural effusion", severity: str = "large",
+              **overrides):
+    s = {**SETTINGS, **overrides}
+    return (method, instruction, severity, "chest x-ray with support devices", "chest x-ray without support devices",
+            "negative-prompt", 2.0, "", s["steps"], s["text_g"], s["image_g"], s["seed"], s["random_seed"])
+
+
+@pytest.fixture(scope="module")
+def analyst():
+    from engine.analyse import Analyst
+
+    return Analyst(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ws(tiny_engine, analyst):
+    return Workstation(tiny_engine, analyst)
+
+
+@pytest.fixture()
+def session(ws, rg1_dicom):
+    s = Session()
+    ws.load(str(rg1_dicom), s)
+    yield s
+    s.close()
+
+
+@pytest.fixture()
+def identified_dicom(tmp_path, rg1_dicom) -> Path:
+    """RG1_UNCR.dcm with identifying tags added, as a PACS would export it."""
+    ds = pydicom.dcmread(rg1_dicom)
+    ds.PatientName = "Doe^Jane"
+    ds.PatientID = "MRN-12345"
+    ds.StudyDate = "20240102"
+    ds.InstitutionName = "St Example Hospital"
+    out = tmp_path / "identified.dcm"
+    ds.save_as(out)
+    return out
+
+
+# -- pure helpers ----------------------------------------------------------------------------------
 def test_mark_synthetic_is_visible_and_enlarges_small_images():
-    out = mark_synthetic(np.full((64, 64), 0.5, np.float32))
-    assert out.shape == (DISPLAY_MIN_SIDE, DISPLAY_MIN_SIDE, 3) and out.dtype == np.uint8
+    out = views.mark_synthetic(np.full((64, 64), 0.5, np.float32))
+    assert out.shape == (views.DISPLAY_MIN_SIDE, views.DISPLAY_MIN_SIDE, 3) and out.dtype == np.uint8
     banner = out[:10].reshape(-1, 3).mean(axis=0)
     assert banner[0] > 120 and banner[1] < 80  # red banner at the top
     assert np.allclose(out[-20:].mean(), 128, atol=2)  # image below untouched
 
 
+def test_delta_panel_has_a_colour_bar_beside_the_map():
+    rgb = np.full((64, 64, 3), 200, np.uint8)
+    panel = views.delta_panel(rgb, 0.2)
+    assert panel.shape[1] > panel.shape[0]  # the colour bar widens the panel
+    right = panel[:, views.DISPLAY_MIN_SIDE:].reshape(-1, 3).astype(int)
+    assert (right[:, 0] - right[:, 2] > 100).any() and (right[:, 2] - right[:, 0] > 100).any()  # red and blue
+
+
+def test_target_structure_follows_side_and_finding():
+    names = ["left_lung", "right_lung", "heart"]
+    assert target_structure("new large left pleural effusion", names) == "left_lung"
+    assert target_structure("right pneumothorax has resolved", names) == "right_lung"
+    assert target_structure("interval increase in cardiomegaly", names) == "heart"
+    assert target_structure("new bilateral pleural effusions", names) is None
+    assert target_structure("without support devices", names) is None
+
+
+def test_ladder_runs_from_improved_to_deteriorated():
+    rungs = ladder_instructions("right pleural effusion")
+    assert [r[0] for r in rungs] == ["resolved", "improved", "current", "slight", "moderate", "large"]
+    assert rungs[2][1] is None and rungs[-1] == ("large", "new right pleural effusion", "large")
+    with pytest.raises(InputError, match="Name the finding"):
+        ladder_instructions("  ")
+
+
+def test_painted_mask_reads_the_editor_layers_in_input_geometry():
+    layer = np.zeros((100, 50, 4), np.uint8)
+    layer[10:20, 5:15, 3] = 255
+    mask = painted_mask({"background": None, "layers": [layer], "composite": None}, (200, 100))
+    assert mask.shape == (200, 100) and mask[30, 15] and not mask[100, 80]
+    assert painted_mask({"layers": [np.zeros((10, 10, 4), np.uint8)]}, (10, 10)) is None
+    assert painted_mask(None, (10, 10)) is None
+
+
+def test_examples_include_simulated_cases_and_the_real_cr():
+    files = example_files()
+    assert any(f.endswith("RG1_UNCR.dcm") for f in files)
+    assert sum("sim_" in Path(f).name for f in files) == 3
+    assert len(series_example()) == 4
+
+
+# -- the edit tab ----------------------------------------------------------------------------------
+def test_load_says_what_was_read_without_identifiers(ws, identified_dicom):
+    s = Session()
+    image, read, meta, s = ws.load(str(identified_dicom), s)
+    assert image.ndim == 3 and "MONOCHROME1 (inverted to bone-bright)" in read and "2024-01-02" in read
+    assert "patient_id" not in meta and "patient_name" not in meta and "Doe" not in json.dumps(meta)
+    s.close()
+
+
+def test_load_rejects_a_text_file_named_png_and_the_session_stays_usable(ws, tmp_path, rg1_dicom):
+    fake = tmp_path / "scan.png"
+    fake.write_text("not an image")
+    s = Session()
+    with pytest.raises(InputError, match="not a DICOM, PNG or JPEG"):
+        ws.load(str(fake), s)
+    ws.load(str(rg1_dicom), s)
+    assert s.xray is not None
+    s.close()
+
+
+def test_instruct_edit_is_synthetic_analysed_and_reproducible(ws, session):
+    first = ws.edit(session, *edit_args())
+    assert first.synthetic and first.provenance["instruction_applied"] == "new large right pleural effusion"
+    assert first.provenance["seed"] == 3 and first.image.shape == first.prior.shape
+    a = first.analysis
+    assert a.structure == "right_lung" and a.delta.shape == first.prior.shape
+    assert set(a.probabilities) == set(ws.findings) and a.attention_rgb is not None
+    again = ws.edit(session, *edit_args())
+    np.testing.assert_array_equal(first.image, again.image)
+    random_seed = ws.edit(session, *edit_args(random_seed=True))
+    assert random_seed.provenance["seed"] != 3 or not np.array_equal(random_seed.image, first.image)
+
+
+def test_invert_edit_runs_on_the_instruct_model(ws, session):
+    result = ws.edit(session, *edit_args(method=METHODS[1]))
+    assert result.method == "invert" and result.provenance["method"] == "invert (negative-prompt)"
+    assert result.provenance["request"]["word_weight"] == 2.0
+
+
+def test_compare_runs_both_methods_and_the_identity_baseline(ws, session):
+    results = ws.compare(session, *edit_args()[1:])
+    assert [r.method for r in results] == ["instruct", "invert", "identity"]
+    identity = results[-1]
+    assert not identity.synthetic and np.abs(identity.analysis.delta).max() == 0
+    assert session.result is results[0]
+
+
+def test_painted_region_confines_the_change(ws, session):
+    h, w = session.xray.shape
+    layer = np.zeros((h, w, 4), np.uint8)
+    layer[h // 4 : h // 2, w // 4 : w // 2, 3] = 255
+    regions = ws.regions(session, {"layers": [layer]}, "none")
+    result = ws.edit(session, *edit_args(), regions=regions)
+    assert result.provenance["regions"]["edit_fraction"] == pytest.approx(1 / 16, abs=0.01)
+    outside = np.ones(result.prior.shape, bool)
+    s = result.prior.shape[0]
+    outside[s // 8 : 5 * s // 8, :] = False  # generous: the letterboxed quarter lies inside this band
+    np.testing.assert_array_equal(result.image[outside], result.prior[outside])
+
+
+def test_structure_region_and_unknown_structure(ws, session):
+    regions = ws.regions(session, None, "right_lung")
+    assert regions.edit.any() and regions.edit.mean() < 0.5
+    with pytest.raises(InputError):
+        ws.regions(session, None, "left kidney")
+
+
+def test_reanalyse_switches_the_attention_finding(ws, session):
+    ws.edit(session, *edit_args())
+    other = ws.findings[-1]
+    result = ws.reanalyse(session, other, "heart")
+    assert result.analysis.finding == other and result.analysis.structure == "heart"
+
+
+def test_edit_without_a_radiograph_is_a_plain_error(ws):
+    s = Session()
+    with pytest.raises(InputError, match="Load a radiograph first"):
+        ws.edit(s, *edit_args())
+    with pytest.raises(InputError, match="Generate a counterfactual first"):
+        ws.export_dicom(s, False)
+    ws.load(example_files()[0], s)
+    with pytest.raises(InputError, match="empty"):
+        ws.edit(s, *edit_args(instruction="   "))
+    s.close()
+
+
+# -- the journey tab -------------------------------------------------------------------------------
+def test_ladder_is_one_batch_around_the_current_image(ws, session, monkeypatch):
+    calls = []
+    original = ws.eng.counterfactuals
+    monkeypatch.setattr(ws.eng, "counterfactuals", lambda *a, **k: calls.append(a) or original(*a, **k))
+    frames = ws.ladder(session, "left pleural effusion", 2, 7.5, 1.5, 0)
+    assert len(calls) == 1 and len(calls[0][1]) == 5
+    assert [f[2] for f in frames] == [True, True, False, True, True, True]
+    assert frames[5][1] == "large: new large left pleural effusion"
+    np.testing.assert_array_equal(frames[2][0], session.journey[2][0])
+
+
+def test_chain_edits_the_previous_result(ws, session, monkeypatch):
+    inputs = []
+    original = ws.eng.counterfactual
+    monkeypatch.setattr(ws.eng, "counterfactual", lambda image, *a, **k: inputs.append(image) or original(image, *a, **k))
+    frames = ws.chain(session, "new right pleural effusion\n\nright pleural effusion has resolved\n", 2, 7.5, 1.5, 0)
+    assert len(frames) == 3 and not frames[0][2] and frames[2][2]
+    assert inputs[0] is session.xray and isinstance(inputs[1], np.ndarray)
+    with pytest.raises(InputError, match="one instruction per line"):
+        ws.chain(session, "\n  \n", 2, 7.5, 1.5, 0)
+
+
+def test_series_orders_by_date_and_compares_with_the_real_followup(ws):
+    s = Session()
+    files = series_example()
+    random.Random(0).shuffle(files)
+    items = ws.load_series(files, s)
+    dates = [x.meta.study_date for x in s.series]
+    assert dates == sorted(dates) and len(items) == 4 and dates[0] in items[0][1]
+    frames, comparison = ws.series_step(s, 2, "new right pleural effusion", "none", 2, 7.5, 1.5, 0)
+    assert [f[2] for f in frames] == [False, True, False]
+    metrics = comparison.metrics()
+    assert np.isfinite(metrics["registration_ncc"]) and metrics["psnr_db"] is not None
+    with pytest.raises(InputError, match="Pick a prior"):
+        ws.series_step(s, 3, "x", "none", 2, 7.5, 1.5, 0)
+    s.close()
+
+
+def test_series_refuses_two_patients(ws, identified_dicom):
+    s = Session()
+    with pytest.raises(InputError, match="different patients"):
+        ws.load_series([series_example()[0], str(identified_dicom)], s)
+    s.close()
+
+
+def test_order_series_puts_undated_studies_last(rg1_dicom):
+    from engine.io import read_xray
+
+    dated = read_xray(series_example()[1])
+    undated = read_xray(example_files()[0])
+    assert order_series([undated, dated]) == [dated, undated]
+
+
+# -- exports -----------------------------------------------------------------------------------------
+def test_dicom_export_removes_identifiers_unless_kept(ws, identified_dicom):
+    s = Session()
+    ws.load(str(identified_dicom), s)
+    ws.edit(s, *edit_args())
+    plain = pydicom.dcmread(ws.export_dicom(s, False))
+    assert plain.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+    assert list(plain.ImageType)[:2] == ["DERIVED", "SECONDARY"] and plain.BurnedInAnnotation == "YES"
+    assert "new large right pleural effusion" in plain.DerivationDescription
+    assert "Doe" not in str(plain.PatientName) and plain.PatientID != "MRN-12345"
+    assert "InstitutionName" not in plain and plain.get("StudyDate", "") != "20240102"
+    assert (plain.Rows, plain.Columns) == s.xray.shape
+    kept = pydicom.dcmread(ws.export_dicom(s, True))
+    assert str(kept.PatientName) == "Doe^Jane" and kept.PatientID == "MRN-12345"
+    s.close()
+
+
+def test_figure_provenance_and_gif_exports(ws, session):
+    ws.edit(session, *edit_args())
+    png, pdf = ws.export_figure(session)
+    assert Image.open(png).size[0] > 800 and Path(pdf).read_bytes()[:4] == b"%PDF"
+    record = json.loads(Path(ws.export_provenance(session)).read_text())
+    assert record["synthetic"] is True and "software" in record and "analysis" in record
+    assert "patient_id" not in json.dumps(record)
+    ws.chain(session, "new right pleural effusion\nright pleural effusion has resolved", 2, 7.5, 1.5, 0)
+    gif = Image.open(ws.export_gif(session))
+    assert gif.n_frames == 3
+    assert all(Path(p).parent == session.folder for p in (png, pdf))
+
+
+def test_session_files_go_when_the_session_ends(ws, rg1_dicom):
+    s = Session()
+    ws.load(str(rg1_dicom), s)
+    ws.edit(s, *edit_args())
+    ws.export_provenance(s)
+    assert any(s.folder.iterdir())
+    close_session(s)
+    assert not s.folder.exists()
+    close_session(None)  # a session that never loaded anything
+
+
+# -- served on 127.0.0.1 through gradio_client ------------------------------------------------------
 @pytest.fixture(scope="module")
-def served(tiny_engine):
+def served(tiny_engine, analyst):
     from journey_ui import build
 
-    demo = build(tiny_engine)
+    demo = build(tiny_engine, analyst)
     demo.queue(default_concurrency_limit=1).launch(
         server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
     )
@@ -30,19 +307,24 @@ def served(tiny_engine):
     demo.close()
 
 
-def test_upload_generate_round_trip(served, rg1_dicom):
+def _generate(client, instruction="new right pleural effusion", severity="large"):
+    return client.predict(False, METHODS[0], instruction, severity, "chest x-ray", "chest x-ray", "negative-prompt",
+                          2.0, "", 2, 7.5, 1.5, 5, False, None, "none", api_name="/generate")
+
+
+def test_served_upload_generate_export_round_trip(served, rg1_dicom, tmp_path):
     from gradio_client import Client, handle_file
 
     client = Client(served.local_url, verbose=False)
-    _, meta = client.predict(handle_file(str(rg1_dicom)), api_name="/load")
-    assert meta["photometric"] == "MONOCHROME1" and meta["inverted"] is True
-    assert "patient_id" not in meta
-    prior, cf, applied, seed, provenance = client.predict(
-        "new right pleural effusion", "large", 2, 7.5, 1.5, 5, False, api_name="/generate",
-    )
-    assert applied == "new large right pleural effusion"
-    assert seed == 5
+    _, read, meta, _ = client.predict(handle_file(str(rg1_dicom)), api_name="/load")
+    assert meta["photometric"] == "MONOCHROME1" and meta["inverted"] is True and "patient_id" not in meta
+    out = _generate(client)
+    prior, cf, delta, attention, seg, probs, metrics, applied, seed, provenance = out[:10]
+    assert applied == "new large right pleural effusion" and seed == 5
     assert json.loads(provenance)["synthetic"] is True
+    assert all(Path(p).is_file() for p in (prior, cf, delta, attention, seg))
+    files = client.predict(False, api_name="/export_dicom")
+    assert pydicom.dcmread(files[0]).BurnedInAnnotation == "YES"
 
 
 def test_bad_upload_is_a_readable_error_and_server_keeps_serving(served, tmp_path, rg1_dicom):
@@ -54,6 +336,17 @@ def test_bad_upload_is_a_readable_error_and_server_keeps_serving(served, tmp_pat
     with pytest.raises(Exception, match="not a DICOM, PNG or JPEG"):
         client.predict(handle_file(str(fake)), api_name="/load")
     with pytest.raises(Exception, match="Load a radiograph first"):
-        client.predict("edema", "none", 2, 7.5, 1.5, 0, False, api_name="/generate")
-    _, meta = client.predict(handle_file(str(rg1_dicom)), api_name="/load")
+        _generate(client)
+    _, _, meta, _ = client.predict(handle_file(str(rg1_dicom)), api_name="/load")
     assert meta["modality"] == "CR"
+
+
+def test_two_users_keep_separate_sessions(served, rg1_dicom):
+    from gradio_client import Client, handle_file
+
+    alice = Client(served.local_url, verbose=False)
+    bob = Client(served.local_url, verbose=False)
+    alice.predict(handle_file(str(rg1_dicom)), api_name="/load")
+    with pytest.raises(Exception, match="Load a radiograph first"):
+        _generate(bob)  # bob never loaded anything: alice's radiograph is not his
+    assert _generate(alice)[7] == "new large right pleural effusion"
