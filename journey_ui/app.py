@@ -248,7 +248,7 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                                          file_types=[".dcm", ".dicom", ".png", ".jpg", ".jpeg", ""],
                                          elem_id="upload")
                         gr.Examples(example_files(), inputs=upload, label="Examples (simulated cases; RG1_UNCR.dcm is a real CR chest)")
-                        preview = gr.Image(label="As read", interactive=False, height=300, elem_id="preview")
+                        preview = gr.Image(format="png", label="As read", interactive=False, height=300, elem_id="preview")
                         read_info = gr.Markdown(elem_id="read-info")
                         with gr.Accordion("Metadata (no patient identifiers)", open=False):
                             meta = gr.JSON(label="What was read")
@@ -291,11 +291,11 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                                                     layers=False, transforms=())
                         go = gr.Button("Generate counterfactual", variant="primary", elem_id="generate")
                 with gr.Row(equal_height=True):
-                    prior_out = gr.Image(label="Prior (model input)", interactive=False, elem_id="out-prior")
-                    cf_out = gr.Image(label="Counterfactual (synthetic)", interactive=False, elem_id="out-cf")
-                    delta_out = gr.Image(label="Signed change map", interactive=False, elem_id="out-delta")
-                    attention_out = gr.Image(label="Classifier attention", interactive=False, elem_id="out-attention")
-                    seg_out = gr.Image(label="Anatomy", interactive=False, elem_id="out-seg")
+                    prior_out = gr.Image(format="png", label="Prior (model input)", interactive=False, elem_id="out-prior")
+                    cf_out = gr.Image(format="png", label="Counterfactual (synthetic)", interactive=False, elem_id="out-cf")
+                    delta_out = gr.Image(format="png", label="Signed change map", interactive=False, elem_id="out-delta")
+                    attention_out = gr.Image(format="png", label="Classifier attention", interactive=False, elem_id="out-attention")
+                    seg_out = gr.Image(format="png", label="Anatomy", interactive=False, elem_id="out-seg")
                 with gr.Row():
                     finding = gr.Dropdown(findings, value=None, label="Attention for finding", allow_custom_value=False)
                     metric_structure = gr.Dropdown(["auto", *structures], value="auto",
@@ -307,7 +307,7 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                     with gr.Column():
                         metrics = gr.Markdown(elem_id="metrics")
                 applied = gr.Textbox(label="Applied exactly as", interactive=False, elem_id="applied")
-                compare_gallery = gr.Gallery(label="Compare: instruction model, inversion edit, identity",
+                compare_gallery = gr.Gallery(format="png", object_fit="contain", label="Compare: instruction model, inversion edit, identity",
                                              columns=6, visible=False, height=300)
                 compare_table = gr.Dataframe(
                     headers=["method", "what", "change inside", "change outside", "anatomy Dice", "finding", "finding Δp"],
@@ -338,7 +338,7 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                         ladder_btn = gr.Button("Generate the ladder (one batch)", variant="primary",
                                                elem_id="ladder")
                     with gr.Tab("Chained edits"):
-                        chain_text = gr.Textbox(label="One instruction per line; each edits the previous result",
+                        chain_text = gr.Textbox(label="One instruction per line; each edits the previous result", elem_id="chain-text",
                                                 lines=4, value="new moderate right pleural effusion\n"
                                                                "right pleural effusion has resolved")
                         chain_btn = gr.Button("Run the chain", variant="primary", elem_id="chain")
@@ -355,10 +355,10 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                             series_severity = gr.Radio(["none", "slight", "moderate", "large"], value="none",
                                                        label="Severity")
                         series_btn = gr.Button("Generate and compare with the real follow-up", variant="primary")
-                timeline = gr.Gallery(label="Timeline", columns=6, height=280, elem_id="timeline")
+                timeline = gr.Gallery(format="png", object_fit="contain", label="Timeline", columns=6, height=280, elem_id="timeline")
                 frame_slider = gr.Slider(0, 5, value=0, step=1, label="Frame")
                 with gr.Row():
-                    frame_view = gr.Image(label="Frame", interactive=False, height=420)
+                    frame_view = gr.Image(format="png", label="Frame", interactive=False, height=420)
                     with gr.Column():
                         journey_gif = gr.File(label="Journey as animated GIF", elem_id="journey-gif")
                         series_metrics = gr.Markdown()

@@ -41,17 +41,22 @@ def display_image(image: np.ndarray) -> Image.Image:
 
 def banner(image: np.ndarray, text: str = SYNTHETIC_BANNER, *, colour: tuple[int, int, int] = (170, 20, 20),
            caption: str | None = None) -> np.ndarray:
-    """The display image with a coloured banner burned in at the top (and an optional caption
-    strip at the bottom); RGB uint8. Red "SYNTHETIC" for generated images."""
+    """The display image with a coloured banner burned in along the bottom edge (red
+    "SYNTHETIC" for generated images) and an optional caption strip just above it; RGB uint8.
+
+    The bottom edge, because Gradio's image components overlay their label and buttons on the
+    top edge: a banner there would be hidden on screen.
+    """
     pil = display_image(image).convert("RGB")
     draw = ImageDraw.Draw(pil)
     h = max(12, pil.height // 18)
-    draw.rectangle([0, 0, pil.width, h + 4], fill=colour)
-    draw.text((4, 2), text, fill=(255, 255, 255), font=_font(h))
+    top = pil.height - h - 6
+    draw.rectangle([0, top, pil.width, pil.height], fill=colour)
+    draw.text((4, top + 2), text, fill=(255, 255, 255), font=_font(h))
     if caption:
-        ch = max(11, pil.height // 24)
-        draw.rectangle([0, pil.height - ch - 6, pil.width, pil.height], fill=(0, 0, 0))
-        draw.text((4, pil.height - ch - 4), caption[:90], fill=(255, 255, 255), font=_font(ch))
+        ch = max(11, pil.height // 26)
+        draw.rectangle([0, top - ch - 6, pil.width, top], fill=(0, 0, 0))
+        draw.text((4, top - ch - 4), caption[:90], fill=(255, 255, 255), font=_font(ch))
     return np.asarray(pil)
 
 

@@ -1,0 +1,139 @@
+"""End to end in a real browser: ``python app.py`` with the bundled model on 127.0.0.1, driven
+through Debian's headless Chromium by Playwright.
+
+Uploads an example, generates, waits for the four analysis images, runs a 3-step chained
+journey, exports the figure and the DICOM, checks the downloaded files, and saves screenshots
+to ``$CXR_SCREENSHOTS`` (default: the test's temporary folder). Skipped when Chromium or
+Playwright is missing (``.ci/run`` installs Chromium).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("CXR_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+STARTUP_S = 180
+OUTSIDE_REQUESTS: list[str] = []
+"""Requests the page made to anything but the app (fonts, analytics, CDNs): must stay empty."""
+GENERATE_S = 300
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    """``python app.py`` as a user starts it (bundled model, 127.0.0.1, offline)."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "2"}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + STARTUP_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"app.py did not serve {url} within {STARTUP_S} s:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1600, "height": 1000}, accept_downloads=True)
+        page = context.new_page()
+        page.on("request", lambda r: None if r.url.startswith(("http://127.0.0.1", "ws://127.0.0.1", "data:", "blob:"))
+                else OUTSIDE_REQUESTS.append(r.url))
+        page.goto(app_url)
+        yield page
+        browser.close()
+
+
+def _download(page, link, folder: Path) -> Path:
+    with page.expect_download() as info:
+        link.click()
+    target = folder / info.value.suggested_filename
+    info.value.save_as(target)
+    return target
+
+
+def test_upload_generate_journey_and_exports(page, tmp_path):
+    import pydicom
+    from PIL import Image
+
+    shots = Path(os.environ.get("CXR_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    page.locator("#upload input[type=file]").set_input_files(str(ROOT / "assets/examples/sim_normal.png"))
+    page.get_by_text("Read: PNG").wait_for(timeout=60_000)
+    page.locator("#generate").click()
+    for elem in ("out-cf", "out-delta", "out-attention", "out-seg"):
+        page.locator(f"#{elem} img").wait_for(timeout=GENERATE_S * 1000)
+    assert page.locator("#applied textarea").input_value() == "new large left pleural effusion"
+    page.screenshot(path=str(shots / "workstation-edit.png"), full_page=True)
+
+    page.locator("#export-figure").click()
+    pdf_link = page.locator("#exported a[download$='.pdf']")
+    pdf_link.wait_for(timeout=60_000)
+    assert _download(page, pdf_link, tmp_path).read_bytes()[:4] == b"%PDF"
+    png = _download(page, page.locator("#exported a[download$='.png']"), tmp_path)
+    assert Image.open(png).size[0] > 800
+
+    page.locator("#export-dicom").click()
+    dicom_link = page.locator("#exported a[download$='.dcm']")
+    dicom_link.wait_for(timeout=60_000)
+    ds = pydicom.dcmread(_download(page, dicom_link, tmp_path))
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and ds.BurnedInAnnotation == "YES"
+    assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert "new large left pleural effusion" in ds.DerivationDescription
+
+    page.get_by_role("tab", name="Journey").click()
+    page.get_by_role("tab", name="Chained edits").click()
+    page.locator("#chain-text textarea").fill(
+        "new moderate left pleural effusion\nleft pleural effusion has resolved\nwithout support devices")
+    page.locator("#chain").click()
+    page.locator("#journey-gif a[download]").wait_for(timeout=GENERATE_S * 1000)
+    assert page.locator("#timeline img").count() == 4  # the prior and three steps
+    gif = Image.open(_download(page, page.locator("#journey-gif a[download]"), tmp_path))
+    assert gif.n_frames == 4
+    page.screenshot(path=str(shots / "workstation-journey.png"), full_page=True)
+
+
+def test_the_page_made_no_requests_outside_the_app(page):
+    """Hospitals run the workstation air-gapped: no fonts, analytics or CDN calls from the page."""
+    assert not OUTSIDE_REQUESTS, f"the page reached outside 127.0.0.1: {OUTSIDE_REQUESTS[:5]}"
