@@ -350,3 +350,27 @@ def test_two_users_keep_separate_sessions(served, rg1_dicom):
     with pytest.raises(Exception, match="Load a radiograph first"):
         _generate(bob)  # bob never loaded anything: alice's radiograph is not his
     assert _generate(alice)[7] == "new large right pleural effusion"
+
+
+def test_instruction_preview_shows_the_severity_rule():
+    assert Workstation.preview_instruction("new right pleural effusion", "moderate") == \
+        "new moderate right pleural effusion"
+    assert Workstation.preview_instruction("interval increase in cardiomegaly", "large") == \
+        "interval increase in severe cardiomegaly"
+
+
+def test_a_ct_is_refused_in_plain_words(ws):
+    from fixtures_io import dicom_test_file
+
+    s = Session()
+    with pytest.raises(InputError, match="CT"):
+        ws.load(str(dicom_test_file("CT_small.dcm")), s)
+    s.close()
+
+
+def test_app_exits_2_with_a_message_when_the_model_is_missing(tmp_path, capsys):
+    import app
+
+    assert app.main(["--model", str(tmp_path / "no-such-model")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no-such-model" in err
