@@ -36,7 +36,9 @@ EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 MODEL_CARD_DOC = Path(__file__).resolve().parent.parent / "docs" / "MODEL_CARD.md"
 GPU_QUEUE = "gpu"
 SESSION_TTL_S = 6 * 3600
-CACHE_CLEANUP = (3600, 6 * 3600)  # Gradio's upload/output cache: check hourly, drop files older than 6 h
+CACHE_CLEANUP = (900, 3600)
+"""Gradio's own cache (the display images it serves): every 15 min, files older than 1 h go.
+Uploads, exports and their served copies go when the session ends (Session.close)."""
 
 # Re-exported for older imports and tests.
 DISPLAY_MIN_SIDE = views.DISPLAY_MIN_SIDE

@@ -102,10 +102,50 @@ class Session:
     compare: list[EditResult] = field(default_factory=list)
     journey: list[tuple[np.ndarray, str, bool]] = field(default_factory=list)
     series: list[XRay] = field(default_factory=list)
+    uploads: list[Path] = field(default_factory=list)
+    exports: list[str] = field(default_factory=list)
+
+    def remember_upload(self, path: str | Path) -> None:
+        """Records an uploaded file to delete at session end (only files in Gradio's upload
+        cache: a path given through the Python API is the caller's own file, left alone)."""
+        p = Path(path).resolve()
+        if _in_upload_cache(p):
+            self.uploads.append(p)
 
     def close(self) -> None:
-        """Deletes the session's temporary folder (called when Gradio drops the session)."""
+        """Deletes the session's files (called when Gradio drops the session): its temporary
+        folder, its uploads, and Gradio's served copies of its exports."""
         shutil.rmtree(self.folder, ignore_errors=True)
+        for p in self.uploads:
+            p.unlink(missing_ok=True)
+            _remove_if_empty(p.parent)
+        cache = _upload_cache()
+        if cache is not None and self.exports:
+            for name in self.exports:  # Gradio serves a copy at <cache>/<hash>/<name>
+                for copy in cache.glob(f"*/{name}"):
+                    copy.unlink(missing_ok=True)
+                    _remove_if_empty(copy.parent)
+        self.uploads, self.exports = [], []
+
+
+def _upload_cache() -> Path | None:
+    try:
+        from gradio.utils import get_upload_folder
+    except ImportError:
+        return None
+    return Path(get_upload_folder()).resolve()
+
+
+def _in_upload_cache(path: Path) -> bool:
+    cache = _upload_cache()
+    return cache is not None and cache in path.parents
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def close_session(session: Session | None) -> None:
@@ -242,6 +282,7 @@ class Workstation:
         if not path:
             session.xray = None
             return None, "", {}, session
+        session.remember_upload(path)
         xray = read_xray(path)
         session.xray, session.result, session.compare = xray, None, []
         return views.mark_acquired(xray.pixels), describe_read(xray), xray.meta.public_dict(), session
@@ -402,6 +443,8 @@ class Workstation:
             raise InputError("Upload two or more radiographs of one patient (DICOM with study dates, or images)")
         if len(paths) > MAX_SERIES:
             raise InputError(f"A series has at most {MAX_SERIES} studies; you gave {len(paths)}")
+        for p in paths:
+            session.remember_upload(p)
         xrays = order_series([read_xray(p) for p in paths])
         if len(xrays) < 2:
             raise InputError("A series needs at least two studies to compare a counterfactual with a follow-up")
@@ -475,6 +518,7 @@ class Workstation:
             footer=footer, title=result.label,
         )
         png, pdf = export.write_figure(fig, session.folder / f"figure-{self._stamp()}")
+        session.exports += [png.name, pdf.name]
         return [str(png), str(pdf)]
 
     def export_dicom(self, session: Session, keep_identifiers: bool) -> str:
@@ -489,6 +533,7 @@ class Workstation:
         export.write_dicom(path, result.image_input, source=xray.meta, instruction=result.label,
                            provenance=result.provenance, keep_identifiers=bool(keep_identifiers),
                            patient_name=xray.meta.patient_name if keep_identifiers else None)
+        session.exports.append(path.name)
         return str(path)
 
     def export_provenance(self, session: Session) -> str:
@@ -499,7 +544,9 @@ class Workstation:
         record = dict(result.provenance)
         if result.analysis is not None:
             record["analysis"] = result.analysis.metrics()
-        return str(export.write_provenance(session.folder / f"provenance-{self._stamp()}.json", record))
+        path = export.write_provenance(session.folder / f"provenance-{self._stamp()}.json", record)
+        session.exports.append(path.name)
+        return str(path)
 
     def export_gif(self, session: Session) -> str:
         """The last journey as an animated GIF (each generated frame marked synthetic)."""
@@ -508,9 +555,11 @@ class Workstation:
         if not session.journey:
             raise InputError("Generate a journey first")
         frames = [f[0] for f in session.journey]
-        return str(export.write_gif(session.folder / f"journey-{self._stamp()}.gif", frames,
-                                    captions=[f[1] for f in session.journey],
-                                    label_synthetic=[f[2] for f in session.journey]))
+        path = export.write_gif(session.folder / f"journey-{self._stamp()}.gif", frames,
+                                captions=[f[1] for f in session.journey],
+                                label_synthetic=[f[2] for f in session.journey])
+        session.exports.append(path.name)
+        return str(path)
 
     # -- helpers -----------------------------------------------------------------------------------
     @staticmethod

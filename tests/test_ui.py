@@ -283,14 +283,26 @@ def test_figure_provenance_and_gif_exports(ws, session):
     assert all(Path(p).parent == session.folder for p in (png, pdf))
 
 
-def test_session_files_go_when_the_session_ends(ws, rg1_dicom):
+def test_session_files_go_when_the_session_ends(ws, rg1_dicom, tmp_path):
+    from gradio.utils import get_upload_folder
+
+    cache = Path(get_upload_folder())
+    upload = cache / "test-upload-hash" / "prior.dcm"  # where Gradio puts an upload
+    upload.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(rg1_dicom, upload)
+    own_file = tmp_path / "mine.dcm"  # a path given through the Python API: the caller's own file
+    shutil.copy(rg1_dicom, own_file)
     s = Session()
-    ws.load(str(rg1_dicom), s)
+    ws.load(str(own_file), s)
+    ws.load(str(upload), s)
     ws.edit(s, *edit_args())
-    ws.export_provenance(s)
-    assert any(s.folder.iterdir())
+    exported = Path(ws.export_provenance(s))
+    served_copy = cache / "test-export-hash" / exported.name  # Gradio's served copy of an export
+    served_copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(exported, served_copy)
     close_session(s)
-    assert not s.folder.exists()
+    assert not s.folder.exists() and not upload.exists() and not served_copy.exists()
+    assert not upload.parent.exists() and own_file.exists()
     close_session(None)  # a session that never loaded anything
 
 
