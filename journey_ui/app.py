@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import os
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,10 @@ def _handler(method: Callable[..., Any]) -> Callable[..., Any]:
         except gr.Error:
             raise
         except Exception as exc:  # keep serving; say what happened without a stack trace
-            log.exception("handler %s failed", getattr(method, "__name__", method))
+            # Log where it failed, not the message: messages can carry file names or header
+            # values (PHI); the user sees the message, the log does not keep it.
+            log.error("handler %s failed with %s:\n%s", getattr(method, "__name__", method), type(exc).__name__,
+                      "".join(traceback.format_tb(exc.__traceback__)))
             raise gr.Error(f"Something went wrong ({type(exc).__name__}: {exc}). The app is still running; "
                            "try again or change the settings.", print_exception=False) from exc
 

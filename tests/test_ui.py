@@ -386,3 +386,16 @@ def test_app_exits_2_with_a_message_when_the_model_is_missing(tmp_path, capsys):
     assert app.main(["--model", str(tmp_path / "no-such-model")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no-such-model" in err
+
+
+def test_unexpected_errors_are_reported_plainly_and_logged_without_their_message(caplog):
+    import gradio as gr
+
+    from journey_ui.app import _handler
+
+    def broken(path):
+        raise RuntimeError(f"cannot parse {path}")
+
+    with caplog.at_level("ERROR"), pytest.raises(gr.Error, match="still running"):
+        _handler(broken)("/data/Doe_Jane_MRN12345.dcm")
+    assert "RuntimeError" in caplog.text and "Doe_Jane" not in caplog.text
