@@ -85,20 +85,27 @@ def export_run(
         overwrite: replace an existing folder.
 
     Raises:
-        InputError: no checkpoint, or ``out`` exists without ``overwrite``.
+        InputError: no checkpoint, a corrupt one (``CheckpointError``, checked against its manifest),
+            or ``out`` exists without ``overwrite``.
     """
     from diffusers import DDIMScheduler
 
-    from train.fit import CHECKPOINTS, Trainee, latest_checkpoint, load_checkpoint
+    from train.fit import CHECKPOINTS, CheckpointError, Trainee, earlier_intact, latest_checkpoint, load_checkpoint
     from train.models import build_models
 
     run_dir, out = Path(run_dir), Path(out)
     path = run_dir / CHECKPOINTS / checkpoint if checkpoint else latest_checkpoint(run_dir)
-    if path is None or not (path / "state.json").is_file():
+    if path is None or not path.is_dir():
         raise InputError(f"{run_dir} has no checkpoint to export; train it with `python -m train fit` first")
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists; pass --overwrite to replace it")
-    ckpt = load_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as exc:
+        earlier = earlier_intact(path)
+        hint = (f"delete it or export an earlier one with --checkpoint {earlier.name}" if earlier is not None
+                else "no earlier checkpoint is intact")
+        raise CheckpointError(path, exc.problem, hint) from None
     cfg = config_from_dict(ckpt["state"]["config"], where=str(path / "state.json"))
     models = build_models(cfg)
     trainee = Trainee(models, cfg.train_projection)

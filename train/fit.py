@@ -17,14 +17,23 @@ VAE posterior, ``alpha_bar`` from the scheduler):
 * vae (stage 0): ``|x - D(z)|_1 + kl_weight * KL(q(z|x) || N(0, I))``.
 
 Determinism: data order is a function of (seed, batch number); noise, timesteps, dropout and
-augmentation come from a generator seeded by (seed, step, micro-step, rank). A checkpoint
-holds the step, the weights, EMA and optimizer state, so a resumed run continues exactly as
-an uninterrupted one (on the same hardware and software).
+augmentation come from a generator seeded by (seed, step, micro-step, rank); the global torch
+RNG (anything inside a network that draws from it) is reseeded from (seed, step, rank) every
+step; the learning rate is a function of the step; nothing draws from numpy's or Python's
+global RNGs. A checkpoint holds the step, the weights, EMA and optimizer state, so a resumed
+run continues exactly as an uninterrupted one (on the same hardware and software; not yet
+across an fp16 run's loss scaler, whose state is not saved).
+
+Faults: checkpoints are written atomically with a manifest of sha256 hashes (see the
+checkpoints section), and verified before a run resumes from one or exports one. A run killed
+with ``kill -9`` at any moment, mid-checkpoint included, resumes from the last complete
+checkpoint when started again with the same command.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -110,14 +119,199 @@ def trainable(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 # -- checkpoints -----------------------------------------------------------------------------
+#
+# A checkpoint is a folder ``checkpoints/step-NNNNNNN`` of safetensors + JSON files and a
+# ``manifest.json`` listing every other file with its size and sha256. It is written as
+# ``.step-NNNNNNN.tmp`` (files, then fsync, then the manifest, fsynced last), renamed into
+# place, and only then named by the ``latest`` pointer (written to ``.latest.tmp`` and renamed),
+# so a run killed at any moment leaves ``latest`` naming a complete checkpoint. Leftover
+# ``.*.tmp`` / ``.*.old`` folders of a killed write or prune are removed when the run restarts.
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "cxr-journey-checkpoint/1"
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "state.json")  # + ema.safetensors
+
+
+class CheckpointError(InputError):
+    """A checkpoint folder that is missing, incomplete or corrupt.
+
+    Attributes:
+        path: the checkpoint folder.
+        problem: what is wrong, e.g. ``model.safetensors sha256 mismatch``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], problem: str,
+                 hint: str = "delete it or use an earlier checkpoint") -> None:
+        self.path, self.problem = Path(path), problem
+        super().__init__(f"checkpoint {path} is corrupt: {problem}; {hint}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Makes a folder's entries (renames, new files) durable; a no-op where folders cannot be opened."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _checkpoint_files(folder: Path) -> list[str]:
+    """Relative POSIX paths of every file in a checkpoint folder except the manifest, sorted."""
+    names = (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return sorted(name for name in names if name != MANIFEST)
+
+
+def write_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Fsyncs every file of a checkpoint folder, then writes (and fsyncs) its ``manifest.json``.
+
+    Format::
+
+        {"format": "cxr-journey-checkpoint/1",
+         "files": {"model.safetensors": {"bytes": 18050840, "sha256": "9f2c..."}, ...}}
+
+    Paths are relative to the folder (``/``-separated). :func:`save_checkpoint` calls this
+    last, before the folder is renamed into place. It also turns a folder written before
+    checkpoints carried manifests into one :func:`load_checkpoint` accepts (check it first).
+
+    Returns:
+        The manifest.
+    """
+    folder = Path(folder)
+    files = {}
+    for name in _checkpoint_files(folder):
+        path = folder / name
+        with path.open("rb") as fh:
+            os.fsync(fh.fileno())
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        files[name] = {"bytes": path.stat().st_size, "sha256": digest}
+    manifest = {"format": MANIFEST_FORMAT, "files": files}
+    _write_durably(folder / MANIFEST, json.dumps(manifest, indent=1))
+    _fsync_dir(folder)
+    return manifest
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Checks a checkpoint folder against its manifest: every file present, of its size and sha256.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        CheckpointError: naming the folder and every problem found (a missing manifest or
+            file, a truncated or grown file, a sha256 mismatch).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(path, "the folder does not exist")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(path, f"it has no {MANIFEST} (written before checkpoints carried hashes? "
+                                    "check it, then add one with train.fit.write_manifest)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(path, f"{MANIFEST} is unreadable ({exc})") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (not isinstance(files, dict) or manifest.get("format") != MANIFEST_FORMAT
+            or not all(isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+                       for v in files.values())):
+        raise CheckpointError(path, f"{MANIFEST} is not a {MANIFEST_FORMAT} manifest")
+    problems = []
+    for name, want in files.items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        size = file.stat().st_size
+        if size != want["bytes"]:
+            problems.append(f"{name} is {'truncated' if size < want['bytes'] else 'too long'} "
+                            f"({size} bytes, the manifest says {want['bytes']})")
+        elif _sha256(file) != want["sha256"]:
+            problems.append(f"{name} sha256 mismatch")
+    if problems:
+        raise CheckpointError(path, ", ".join(problems))
+    return manifest
+
+
+def checkpoint_step(path: str | os.PathLike[str]) -> int:
+    """The step of a ``step-NNNNNNN`` folder."""
+    return int(Path(path).name.removeprefix("step-"))
+
+
+def _checkpoint_folders(root: Path) -> list[Path]:
+    """The ``step-*`` folders under ``checkpoints/``, oldest first (complete or not)."""
+    return sorted((p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()), key=checkpoint_step)
+
 
 def latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    pointer = Path(out_dir) / CHECKPOINTS / LATEST
-    if not pointer.is_file():
-        return None
-    path = Path(out_dir) / CHECKPOINTS / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
+    """The checkpoint a run resumes from (not verified: :func:`load_checkpoint` does that), or None.
+
+    That is the folder ``checkpoints/latest`` names. When the pointer is missing (a run killed
+    between its first checkpoint's rename and the pointer's) or names a folder that no longer
+    exists (one deleted by hand after a corruption message), it is the newest ``step-*`` folder
+    that has a manifest, with a warning in the second case.
+    """
+    root = Path(out_dir) / CHECKPOINTS
+    pointer = root / LATEST
+    named = None
+    if pointer.is_file():
+        named = pointer.read_text(encoding="utf-8").strip()
+        if named and (root / named).is_dir():
+            return root / named
+    found = [p for p in _checkpoint_folders(root) if (p / MANIFEST).is_file()]
+    if named:
+        instead = f"using {found[-1].name}, the newest checkpoint left" if found else "no checkpoint is left: starting over"
+        log.warning("%s names %s, which does not exist; %s", pointer, named, instead)
+    return found[-1] if found else None
+
+
+def _point_latest(root: Path, name: str) -> None:
+    """Atomically makes ``checkpoints/latest`` name ``name``."""
+    tmp = root / f".{LATEST}.tmp"
+    _write_durably(tmp, name)
+    os.replace(tmp, root / LATEST)
+    _fsync_dir(root)
+
+
+def _discard(folder: Path) -> None:
+    """Removes a checkpoint folder: renamed aside first, so a kill mid-delete leaves no half folder under its name."""
+    trash = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_incomplete(out_dir: str | os.PathLike[str]) -> list[str]:
+    """Removes what a killed checkpoint write or prune left behind (``.*.tmp``, ``.*.old``).
+
+    Returns:
+        The names removed (each also logged as a warning).
+    """
+    root = Path(out_dir) / CHECKPOINTS
+    removed: list[str] = []
+    if not root.is_dir():
+        return removed
+    for leftover in sorted(root.glob(".*.tmp")) + sorted(root.glob(".*.old")):
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink()
+        removed.append(leftover.name)
+        log.warning("removed %s: a checkpoint write or delete that was cut short", leftover)
+    return removed
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -145,7 +339,9 @@ def save_checkpoint(out_dir: Path, step: int, trainee: Trainee, optimizer: torch
     """Writes ``checkpoints/step-NNNNNNN`` atomically, points ``latest`` at it, prunes old ones.
 
     Everything is safetensors + JSON (nothing is pickled): trained weights, EMA weights,
-    AdamW state, and ``state.json`` with the step and the full config.
+    AdamW state, ``state.json`` with the step and the full config, and ``manifest.json``
+    (see :func:`write_manifest`). Pruning keeps the ``keep`` newest checkpoints up to this
+    step and removes any later one (left by a run that was resumed from an earlier checkpoint).
     """
     root = out_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -161,24 +357,90 @@ def save_checkpoint(out_dir: Path, step: int, trainee: Trainee, optimizer: torch
     (tmp / "optimizer.json").write_text(json.dumps(meta))
     state = {"step": step, "ema_updates": ema.updates if ema else 0, "config": cfg.to_dict(), **extra}
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    write_manifest(tmp)
     final = root / name
-    shutil.rmtree(final, ignore_errors=True)
+    if final.exists():  # a later timeline's, or one renamed just before a kill cut the pointer update
+        _discard(final)
     os.replace(tmp, final)
-    pointer = root / f".{LATEST}.tmp"
-    pointer.write_text(name)
-    os.replace(pointer, root / LATEST)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(root)
+    _point_latest(root, name)
+    folders = _checkpoint_folders(root)
+    stale = [p for p in folders if checkpoint_step(p) > step]
+    for old in [p for p in folders if checkpoint_step(p) <= step][:-keep] + stale:
+        _discard(old)
     return final
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Reads a checkpoint folder: ``{"state", "model", "ema", "optimizer"}``."""
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Verifies a checkpoint folder (:func:`verify_checkpoint`) and reads it.
+
+    Returns:
+        ``{"state", "model", "ema", "optimizer"}`` (``ema`` None when the run kept none).
+
+    Raises:
+        CheckpointError: the folder is missing, incomplete or corrupt.
+    """
+    path = Path(path)
+    files = verify_checkpoint(path)["files"]
+    unlisted = [name for name in CHECKPOINT_FILES if name not in files]
+    if unlisted:
+        raise CheckpointError(path, f"{MANIFEST} does not list {', '.join(unlisted)}")
     state = json.loads((path / "state.json").read_text())
-    ema = load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").is_file() else None
+    ema = load_file(str(path / "ema.safetensors")) if "ema.safetensors" in files else None
     optimizer = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
                                      json.loads((path / "optimizer.json").read_text()))
     return {"state": state, "model": load_file(str(path / "model.safetensors")), "ema": ema, "optimizer": optimizer}
+
+
+def earlier_intact(path: Path) -> Path | None:
+    """The newest checkpoint of the same run before ``path`` that passes verification."""
+    for folder in reversed(_checkpoint_folders(path.parent)):
+        if checkpoint_step(folder) < checkpoint_step(path):
+            try:
+                verify_checkpoint(folder)
+            except CheckpointError:
+                continue
+            return folder
+    return None
+
+
+def resume_checkpoint(out_dir: Path, resume: str | os.PathLike[str] | None = None
+                      ) -> tuple[Path | None, dict[str, Any] | None]:
+    """Finds, verifies and reads the checkpoint a run continues from.
+
+    Args:
+        out_dir: the run folder.
+        resume: a checkpoint folder of this run (``<out_dir>/checkpoints/step-NNNNNNN``), or None
+            for the run's latest (:func:`latest_checkpoint`).
+
+    Returns:
+        ``(folder, checkpoint)``, or ``(None, None)`` for a fresh start.
+
+    Raises:
+        CheckpointError: the checkpoint is corrupt. A corrupt latest checkpoint is never
+            skipped silently: the message names the newest intact earlier one to pass as
+            ``--resume`` (or says to delete the corrupt one to start over).
+        InputError: ``resume`` is not a checkpoint folder of this run.
+    """
+    root = out_dir / CHECKPOINTS
+    if resume is None:
+        path = latest_checkpoint(out_dir)
+        if path is None:
+            return None, None
+    else:
+        path = Path(resume)
+        if not path.name.startswith("step-") or path.resolve().parent != root.resolve():
+            raise InputError(f"--resume {resume}: not a checkpoint of {out_dir} (expected {root}/step-NNNNNNN)")
+        if not path.is_dir():
+            have = ", ".join(p.name for p in _checkpoint_folders(root)) or "none"
+            raise InputError(f"--resume {resume} does not exist (checkpoints of this run: {have})")
+    try:
+        return path, load_checkpoint(path)
+    except CheckpointError as exc:
+        earlier = earlier_intact(path)
+        hint = (f"delete it or resume from an earlier one with --resume {earlier}" if earlier is not None
+                else "delete it to start the run over (no earlier checkpoint is intact)")
+        raise CheckpointError(path, exc.problem, hint) from None
 
 
 # -- caches --------------------------------------------------------------------------------
@@ -336,11 +598,13 @@ class CsvLog:
         rows = []
         if path.is_file() and start_step > 0:
             with path.open(newline="") as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= start_step]
-        with path.open("w", newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if r.get("step", "").isdigit() and int(r["step"]) <= start_step]
+        tmp = path.with_name(f".{path.name}.tmp")  # rewritten aside: a kill now keeps the old log
+        with tmp.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, LOG_FIELDS)
             writer.writeheader()
             writer.writerows(rows)
+        os.replace(tmp, path)
 
     def write(self, row: dict[str, Any]) -> None:
         """Appends one row."""
@@ -349,17 +613,26 @@ class CsvLog:
                 csv.DictWriter(fh, LOG_FIELDS).writerow(row)
 
 
-def fit(cfg: TrainConfig, *, stop_at_step: int | None = None) -> Path:
+def fit(cfg: TrainConfig, *, stop_at_step: int | None = None, resume: str | os.PathLike[str] | None = None) -> Path:
     """Trains one stage; resumes from the run's latest checkpoint when there is one.
+
+    The checkpoint is verified against its manifest before anything is built. A corrupt latest
+    checkpoint stops the run with a :class:`CheckpointError` that names the newest intact
+    earlier one; training never silently falls back to it. Pass that one as ``resume`` (it
+    becomes ``latest``; the later checkpoints are removed at the next checkpoint), or delete
+    the corrupt folder (the run then resumes from the newest one left, with a warning).
+    Leftovers of a checkpoint write cut short by a kill are removed first.
 
     Args:
         cfg: the validated config.
         stop_at_step: raise :class:`TrainingInterrupted` right after this step (tests of resume).
+        resume: a checkpoint folder of this run to continue from instead of the latest.
 
     Returns:
         The run folder (``cfg.out_dir``).
 
     Raises:
+        CheckpointError: the checkpoint to resume from is corrupt or incomplete.
         InputError: bad data or config (message says what to change).
     """
     from accelerate import Accelerator
@@ -372,7 +645,17 @@ def fit(cfg: TrainConfig, *, stop_at_step: int | None = None) -> Path:
     out_dir = Path(cfg.out_dir)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        _write_durably(out_dir / ".config.json.tmp", json.dumps(cfg.to_dict(), indent=2))
+        os.replace(out_dir / ".config.json.tmp", out_dir / "config.json")
+        clean_incomplete(out_dir)
+    resume_path, ckpt = resume_checkpoint(out_dir, resume)  # fails here, before anything is built
+    if resume is not None and accelerator.is_main_process:
+        later = [p.name for p in _checkpoint_folders(out_dir / CHECKPOINTS)
+                 if checkpoint_step(p) > checkpoint_step(resume_path)]
+        _point_latest(out_dir / CHECKPOINTS, resume_path.name)
+        if later:
+            log.warning("resuming from %s: the later checkpoint(s) %s are removed at the next checkpoint",
+                        resume_path.name, ", ".join(later))
     with accelerator.main_process_first():
         if cfg.simulate and not Path(cfg.manifest).is_file() and accelerator.is_main_process:
             simulate_data(cfg)
@@ -409,9 +692,7 @@ def fit(cfg: TrainConfig, *, stop_at_step: int | None = None) -> Path:
                                   eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     ema = EMA(params, cfg.ema_decay) if cfg.ema else None
     start_step = 0
-    resume = latest_checkpoint(out_dir)
-    if resume is not None:
-        ckpt = load_checkpoint(resume)
+    if ckpt is not None:
         trainee.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ema is not None and ckpt["ema"] is not None:
@@ -419,7 +700,8 @@ def fit(cfg: TrainConfig, *, stop_at_step: int | None = None) -> Path:
             ema.updates = int(ckpt["state"].get("ema_updates", 0))
         start_step = int(ckpt["state"]["step"])
         if accelerator.is_main_process:
-            log.info("resuming %s from %s (step %d)", out_dir, resume.name, start_step)
+            log.info("resuming %s from %s (step %d)", out_dir, resume_path.name, start_step)
+        ckpt = None  # frees the loaded tensors
     if ema is not None:
         ema.shadow = {k: v.to(device) for k, v in ema.shadow.items()}
     model, optimizer = accelerator.prepare(trainee, optimizer)
@@ -442,6 +724,7 @@ def fit(cfg: TrainConfig, *, stop_at_step: int | None = None) -> Path:
 
     # 5. The loop.
     while step < cfg.steps:
+        torch.manual_seed(derive_seed(cfg.seed, "global", step, rank))  # for anything that draws from the global RNG
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -479,7 +762,8 @@ def fit(cfg: TrainConfig, *, stop_at_step: int | None = None) -> Path:
             if accelerator.is_main_process:
                 save_checkpoint(out_dir, step, accelerator.unwrap_model(model), optimizer, ema, cfg,
                                 {"data": sampler.position(step * cfg.grad_accum), "world": world,
-                                 "vae_id": models.vae_id, "items": len(dataset)}, cfg.keep_checkpoints)
+                                 "vae_id": models.vae_id, "items": len(dataset),
+                                 "resumed_from": resume_path.name if resume_path else None}, cfg.keep_checkpoints)
         if stop_at_step is not None and step == stop_at_step:
             bar.close()
             raise TrainingInterrupted(f"stopped after step {step}")
@@ -563,6 +847,9 @@ def add_parser(subparsers) -> None:
                                           "Every config key can be overridden as --key=value. "
                                           "Multi-GPU: accelerate launch -m train fit --config FILE.")
     p.add_argument("--config", default=None, help="YAML/JSON config (see train/configs/)")
+    p.add_argument("--resume", default=None, metavar="PATH",
+                   help="a checkpoint folder of this run to continue from instead of the latest "
+                        "(e.g. an earlier one when the latest is corrupt; later ones are then removed)")
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         p.add_argument(f"--{f.name}", dest=f"override_{f.name}", default=None, metavar=hints[f.name].__name__.upper() if isinstance(hints[f.name], type) else "VALUE",
@@ -586,6 +873,8 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = {k.removeprefix("override_"): v for k, v in vars(args).items() if k.startswith("override_") and v is not None}
     cfg = load_config(args.config, overrides)
-    out = fit(cfg)
-    print(json.dumps({"run": str(out), "checkpoint": str(latest_checkpoint(out))}))
+    out = fit(cfg, resume=args.resume)
+    final = latest_checkpoint(out)
+    state = json.loads((final / "state.json").read_text()) if final is not None else {}
+    print(json.dumps({"run": str(out), "checkpoint": str(final), "resumed_from": state.get("resumed_from")}))
     return 0
