@@ -73,6 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print the model card")
     info.add_argument("--model", default=None, help="model folder or hub id (default: bundled)")
     info.add_argument("--device", default="cpu")
+
+    from engine.bench import add_arguments as bench_arguments
+
+    bench = sub.add_parser("bench", help="time the edit paths, optionally against diffusers (engine/bench.py)",
+                           description="Warm-up, then median and p95 over repeats, peak memory and images/s "
+                                       "of instruct and invert edits; --compare diffusers runs diffusers' own "
+                                       "pipeline on the same weights in the same process.")
+    bench_arguments(bench)
     return parser
 
 
@@ -145,14 +153,32 @@ def _regions(args: argparse.Namespace, pixels):
 
 
 def _read_mask(path: str):
+    """A painted mask image as float32 grey.
+
+    Raises:
+        InputError: a missing, unreadable, truncated or oversized (decompression bomb) file.
+    """
+    import warnings
+
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L"), dtype=np.float32)
-    except UnidentifiedImageError as exc:
-        raise InputError(f"{path} is not an image file; paint the mask as a PNG") from exc
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("L"), dtype=np.float32)
+        except FileNotFoundError as exc:
+            raise InputError(f"Mask file not found: {path}; check the path") from exc
+        except UnidentifiedImageError as exc:
+            raise InputError(f"{path} is not an image file; paint the mask as a PNG") from exc
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise InputError(f"The mask {path} is too large to open safely; paint it at the radiograph's size") from exc
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise InputError(
+                f"The mask {path} could not be read ({reason}); the file may be truncated or corrupt"
+            ) from exc
 
 
 def _edit(args: argparse.Namespace) -> dict:
@@ -193,6 +219,10 @@ def _info(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit code."""
     args = _parser().parse_args(argv)
+    if args.command == "bench":  # prints a table, not JSON; handles its own errors
+        from engine.bench import cli as bench_cli
+
+        return bench_cli(args, sys.argv[1:] if argv is None else list(argv))
     try:
         out = _edit(args) if args.command == "edit" else _info(args)
     except InputError as exc:

@@ -36,9 +36,42 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "models" / "journey-mini"
 MAX_INSTRUCTION_CHARS = 1000
 INVERSION_CACHE_SIZE = 8
+TEXT_CACHE_SIZE = 32  # projected text embeddings kept on the device (a few MB at most)
 SELF_REPLACE_MAX_QUERIES = 16 * 16  # prompt-to-prompt replaces self-attention at <= 16x16 layers
 LOCAL_BLEND_START = 0.2  # local blend acts from 20% of the steps on, as in prompt-to-prompt
 SYNTHETIC_LABEL = "SYNTHETIC - research use only, not for diagnosis"
+
+
+def _checked_text(value: object, name: str, advice: str) -> str:
+    """A typed text (instruction or caption) the model can use, returned as given.
+
+    Args:
+        value: the text (anything else counts as empty).
+        name: how to call it in messages ("The progression description", "target_prompt").
+        advice: what to do when it is empty ("describe the change to make").
+
+    Raises:
+        InputError: empty or whitespace only; no visible character (only control or format
+            characters such as NUL or a zero-width space); longer than
+            :data:`MAX_INSTRUCTION_CHARS`; or not valid Unicode (lone surrogates, which is how
+            Python passes on command-line bytes that are not UTF-8). Other non-ASCII text is
+            accepted as it is (the tokenizer handles it, or maps it to unknown tokens).
+    """
+    text = value if isinstance(value, str) else ""
+    if not text.strip():
+        raise InputError(f"{name} is empty; {advice}")
+    if not any(ch.isprintable() and not ch.isspace() for ch in text):
+        raise InputError(f"{name} has no visible characters (only control or format characters); {advice}")
+    if len(text) > MAX_INSTRUCTION_CHARS:
+        raise InputError(f"{name} has {len(text)} characters; keep it under {MAX_INSTRUCTION_CHARS}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(
+            f"{name} contains bytes that are not valid UTF-8 text (at character {exc.start + 1}); "
+            "retype it, or pass it from a UTF-8 terminal"
+        ) from None
+    return text
 
 
 @dataclass(frozen=True)
@@ -70,14 +103,7 @@ class EditRequest:
         Raises:
             InputError: with a message naming the field and the allowed values.
         """
-        text = self.instruction if isinstance(self.instruction, str) else ""
-        if not text.strip():
-            raise InputError("The progression description is empty; describe the change to make")
-        if len(text) > MAX_INSTRUCTION_CHARS:
-            raise InputError(
-                f"The progression description has {len(text)} characters; "
-                f"keep it under {MAX_INSTRUCTION_CHARS}"
-            )
+        text = _checked_text(self.instruction, "The progression description", "describe the change to make")
         if self.severity not in SEVERITIES:
             raise InputError(f"severity must be one of {', '.join(SEVERITIES)}, not {self.severity!r}")
         if self.scheduler not in SCHEDULERS:
@@ -207,14 +233,8 @@ class InvertRequest:
 
         prompts = {}
         for name in ("source_prompt", "target_prompt"):
-            text = getattr(self, name)
-            text = text.strip() if isinstance(text, str) else ""
-            if not text:
-                what = "input" if name == "source_prompt" else "wanted image"
-                raise InputError(f"{name} is empty; write a caption of the {what}")
-            if len(text) > MAX_INSTRUCTION_CHARS:
-                raise InputError(f"{name} has {len(text)} characters; keep it under {MAX_INSTRUCTION_CHARS}")
-            prompts[name] = text
+            what = "input" if name == "source_prompt" else "wanted image"
+            prompts[name] = _checked_text(getattr(self, name), name, f"write a caption of the {what}").strip()
         if self.inversion not in INVERSIONS:
             raise InputError(f"inversion must be one of {', '.join(INVERSIONS)}, not {self.inversion!r}")
         if not isinstance(self.steps, int) or not 1 <= self.steps <= 500:
@@ -407,6 +427,8 @@ class Engine:
         self.text_encoder.to(device)
         self._lock = threading.Lock()
         self._inversions: OrderedDict[tuple, Any] = OrderedDict()
+        self.text_cache_size = TEXT_CACHE_SIZE  # 0 turns the embedding cache off (benchmarks)
+        self._texts: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     # -- what the model is -------------------------------------------------------------
     @property
@@ -437,9 +459,32 @@ class Engine:
 
     # -- building blocks -------------------------------------------------------------------
     def _embed(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected ``(B, L, D)`` states and ``(B, L)`` masks of ``texts``, on the engine's device and dtype.
+
+        An LRU of :attr:`text_cache_size` entries, keyed by the exact text list (and the device
+        and dtype), keeps the result, so a repeated instruction list and the empty text skip the
+        encoder, the host-to-device copy and the projection. Call with ``self._lock`` held (every
+        caller does). The cached tensors are shared between calls: never modify them in place.
+        """
+        key = (tuple(texts), str(self.device), str(self.dtype))
+        cached = self._texts.get(key)
+        if cached is not None:
+            self._texts.move_to_end(key)
+            return cached
         states, mask = self.text_encoder.encode(texts)
-        states = states.to(device=self.device, dtype=self.dtype)
-        return project(states, self.projection), mask.to(self.device)
+        with torch.no_grad():
+            states = states.to(device=self.device, dtype=self.dtype)
+            result = (project(states, self.projection), mask.to(self.device))
+        if self.text_cache_size > 0:
+            self._texts[key] = result
+            while len(self._texts) > self.text_cache_size:
+                self._texts.popitem(last=False)
+        return result
+
+    def clear_text_cache(self) -> None:
+        """Forgets every cached text embedding (the encoder's own per-text cache stays)."""
+        with self._lock:
+            self._texts.clear()
 
     @torch.no_grad()
     def encode_prior(self, prior: torch.Tensor) -> torch.Tensor:

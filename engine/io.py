@@ -28,6 +28,10 @@ DICOM intensity pipeline (PS3.4 N.2, in order):
    combined with OR, not XOR: the DX IOD pairs MONOCHROME1 with ``INVERSE`` to describe the
    *same* inversion, so an image is never inverted twice.
 
+Compressed pixel data is decoded by whichever pydicom plugin is installed, except RLE Lossless,
+which always uses pydicom's own decoder (pylibjpeg-rle panics on malformed segments). Anything a
+corrupt header or decoder raises becomes an :class:`InputError` naming the file.
+
 PNG/JPEG intensity mapping (Pillow):
 
 * 8-bit samples are divided by 255; 16-bit grey (mode ``I;16``/``I``) by 65535. The PNG
@@ -60,6 +64,7 @@ import io
 import math
 import os
 import re
+import struct
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -106,6 +111,8 @@ _DICOM_MAGIC = b"DICM"
 
 #: ITU-R BT.601 luma weights (what Pillow's ``convert("L")`` uses, but applied in float).
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+
+_RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 
 #: Which package decodes which compressed transfer syntax (Transfer Syntax UID -> advice).
 _DECODER_HINTS: dict[str, str] = {
@@ -714,7 +721,26 @@ def _read_dicom(fp: BinaryIO, label: str, name: str | None, max_pixels: int, *, 
 
 
 def _dataset_to_xray(ds: Dataset, label: str, name: str | None, max_pixels: int, notes: list[str]) -> XRay:
-    """The checks and intensity pipeline shared by files and in-memory datasets."""
+    """The checks and intensity pipeline shared by files and in-memory datasets.
+
+    pydicom converts header values lazily, so a corrupt element (an unknown VR, a value that
+    does not parse) can raise from any access; whatever the specific checks do not catch becomes
+    an :class:`InputError` naming the file.
+    """
+    try:
+        return _convert_dataset(ds, label, name, max_pixels, notes)
+    except InputError:
+        raise
+    except BaseException as exc:
+        if not _is_bad_data_failure(exc):
+            raise
+        raise InputError(
+            f"{_quote(label)} could not be read as DICOM ({_reason(exc)}); the file may be truncated or corrupt"
+        ) from exc
+
+
+def _convert_dataset(ds: Dataset, label: str, name: str | None, max_pixels: int, notes: list[str]) -> XRay:
+    """The body of :func:`_dataset_to_xray`."""
     modality = (_get_str(ds, "Modality") or "").upper() or None
 
     if "PixelData" not in ds:
@@ -763,12 +789,22 @@ def _dataset_to_xray(ds: Dataset, label: str, name: str | None, max_pixels: int,
         ds.file_meta.TransferSyntaxUID = tsyntax
         notes.append(f"no Transfer Syntax UID in the file; decoded as {tsyntax.name}")
     _check_decoder(tsyntax, label)
+    _check_codestream_size(ds, rows, cols, label)
 
     try:
-        decoded = ds.pixel_array
+        if str(tsyntax) == _RLE_LOSSLESS:
+            # pydicom's own RLE decoder rather than pylibjpeg-rle's: on malformed segments the
+            # latter (Rust) panics and prints a backtrace on stderr before the error reaches us.
+            from pydicom.pixels.decoders.base import get_decoder
+
+            decoded = get_decoder(str(tsyntax)).as_array(ds, decoding_plugin="pydicom")[0]
+        else:
+            decoded = ds.pixel_array
     except InputError:
         raise
-    except Exception as exc:  # pydicom / plugin errors of many types
+    except BaseException as exc:  # pydicom / plugin errors of many types
+        if not _is_bad_data_failure(exc):
+            raise
         ts_name = getattr(tsyntax, "name", None) or "unknown transfer syntax"
         raise InputError(
             f"The pixel data of {_quote(label)} could not be decoded ({ts_name}: {_reason(exc)}); "
@@ -822,7 +858,7 @@ def _grey_pipeline(arr: np.ndarray, ds: Dataset, label: str) -> tuple[np.ndarray
     values = np.asarray(values)
 
     problems: list[str] = []
-    voi_seq = ds.get("VOILUTSequence")
+    voi_seq = _header_value(ds, "VOILUTSequence", problems)
     if voi_seq and voi_seq[0].get("LUTDescriptor") is not None and voi_seq[0].get("LUTData") is not None:
         try:
             item = voi_seq[0]
@@ -839,7 +875,8 @@ def _grey_pipeline(arr: np.ndarray, ds: Dataset, label: str) -> tuple[np.ndarray
         except Exception as exc:  # malformed LUT: fall through to window / percentiles
             problems.append(f"header VOI LUT unusable: {_reason(exc)}")
 
-    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+    if (_header_value(ds, "WindowCenter", problems) is not None
+            and _header_value(ds, "WindowWidth", problems) is not None):
         try:
             out = np.asarray(apply_windowing(values, ds, index=0), dtype=np.float64)
             # The window's output range [y_min, y_max] exactly as pydicom defines it (it depends
@@ -925,6 +962,59 @@ def _check_decoder(tsyntax: Any, label: str) -> None:
         raise InputError(f"{_quote(label)} uses the compressed transfer syntax {ts_shown}, which cannot be decoded here; {what}")
 
 
+def _check_codestream_size(ds: Dataset, rows: int, cols: int, label: str) -> None:
+    """Refuses JPEG / JPEG 2000 pixel data whose own header claims a size other than Rows x Columns.
+
+    The pixel-count guard reads Rows/Columns, but a decoder allocates what the codestream says:
+    a 2 KB DICOM whose JPEG 2000 header claims 36 x 2,097,192 px made OpenJPEG allocate ~1 GB
+    before pydicom noticed the mismatch. A decoded frame must have the header's size anyway.
+    """
+    if not getattr(_transfer_syntax(ds) or "", "is_encapsulated", False):
+        return
+    from pydicom.encaps import get_frame
+
+    try:
+        frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+    except Exception:  # unreadable encapsulation: the decoder refuses it
+        return
+    claimed = _codestream_size(frame)
+    if claimed is not None and claimed != (rows, cols):
+        raise InputError(
+            f"{_quote(label)} holds compressed pixel data of {claimed[1]}x{claimed[0]} px, but its header says "
+            f"{cols}x{rows} px; the file is corrupt"
+        )
+
+
+#: JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic; JPEG-LS).
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
+
+
+def _codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """``(rows, cols)`` from a JPEG / JPEG-LS SOF or a JPEG 2000 SIZ marker; None if not found."""
+    siz = frame.find(b"\xff\x4f\xff\x51", 0, 65536)  # JPEG 2000: SOC then SIZ (also inside a JP2 box)
+    if siz >= 0 and len(frame) >= siz + 24:
+        xsiz, ysiz, xo, yo = struct.unpack(">IIII", frame[siz + 8 : siz + 24])
+        return (ysiz - yo, xsiz - xo) if xsiz > xo and ysiz > yo else (0, 0)
+    if not frame.startswith(b"\xff\xd8"):
+        return None
+    pos = 2
+    while pos + 4 <= min(len(frame), 1 << 20):
+        if frame[pos] != 0xFF:
+            return None
+        marker = frame[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length
+            pos += 2
+            continue
+        if marker in _JPEG_SOF and len(frame) >= pos + 9:
+            height, width = struct.unpack(">HH", frame[pos + 5 : pos + 9])
+            return (height, width) if height else None  # height 0: given later by a DNL marker
+        pos += 2 + struct.unpack(">H", frame[pos + 2 : pos + 4])[0]
+    return None
+
+
 def _inferred_transfer_syntax(ds: Dataset) -> Any:
     """The uncompressed transfer syntax matching the encoding pydicom read ``ds`` in, or None."""
     from pydicom import uid
@@ -955,6 +1045,16 @@ def _finish(pixels: np.ndarray, meta: XRayMeta, label: str) -> XRay:
         raise InputError(f"{_quote(label)} produced non-finite pixel values; the file is corrupt")
     out = np.ascontiguousarray(np.clip(pixels, 0.0, 1.0), dtype=np.float32)
     return XRay(pixels=out, meta=meta)
+
+
+def _is_bad_data_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a reader or decoder failing on bad data, not an interrupt or an exit.
+
+    Besides ordinary exceptions this includes the ``PanicException`` that decoders written in
+    Rust (pylibjpeg-rle, through PyO3) raise on malformed input: it derives from
+    ``BaseException``, so ``except Exception`` would let a corrupt RLE DICOM escape.
+    """
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
 
 
 def _with_notes(xray: XRay, notes: list[str], caught: list[warnings.WarningMessage]) -> XRay:
@@ -1009,6 +1109,15 @@ def _get_int(ds: Dataset, keyword: str) -> int | None:
     try:
         return int(float(text))
     except ValueError:
+        return None
+
+
+def _header_value(ds: Dataset, keyword: str, problems: list[str]) -> Any:
+    """``ds.get(keyword)``, or None (noted in ``problems``) if the element cannot be read."""
+    try:
+        return ds.get(keyword)
+    except Exception as exc:  # e.g. an unknown VR in a corrupt file: pydicom converts lazily
+        problems.append(f"header {keyword} unreadable: {_reason(exc)}")
         return None
 
 

@@ -289,7 +289,15 @@ class Workstation:
 
     @staticmethod
     def preview_instruction(instruction: str, severity: str) -> str:
-        """The description exactly as the model will receive it (severity rule applied)."""
+        """The description exactly as the model will receive it (severity rule applied).
+
+        Text over the engine's length limit is not rewritten (the rule's cost grows with the
+        length, and a large paste must not hold up the server); the limit is shown instead.
+        """
+        from engine.engine import MAX_INSTRUCTION_CHARS
+
+        if len(instruction or "") > MAX_INSTRUCTION_CHARS:
+            return f"(too long: {len(instruction)} characters; keep it under {MAX_INSTRUCTION_CHARS})"
         try:
             return apply_severity(instruction or "", severity)
         except InputError as exc:

@@ -369,6 +369,7 @@ def test_instruction_preview_shows_the_severity_rule():
         "new moderate right pleural effusion"
     assert Workstation.preview_instruction("interval increase in cardiomegaly", "large") == \
         "interval increase in severe cardiomegaly"
+    assert Workstation.preview_instruction("effusion " * 2000, "large").startswith("(too long: 18000 characters")
 
 
 def test_a_ct_is_refused_in_plain_words(ws):
