@@ -18,6 +18,19 @@ import sys
 MAX_UPLOAD = "300mb"  # a large uncompressed DICOM is < 100 MB; bigger uploads are refused by the server
 
 
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """Caps glibc's malloc arenas. The server's threads otherwise each keep freed memory in
+    arenas of their own: resident memory crept up by ~190 MB over 200 edits without a leak
+    (object counts flat, memory after ``malloc_trim`` flat; docs/RELIABILITY.md); with two
+    arenas the creep was ~80 MB. Not glibc (macOS, musl): nothing to do."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parses arguments (also from CXR_* environment variables), loads the model, serves."""
     parser = argparse.ArgumentParser(description="CXR Journey workstation (research use only)")
@@ -36,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
 
+    _limit_malloc_arenas()
     import engine
     from journey_ui import build
 

@@ -136,8 +136,9 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
     structures = ws.structures
 
     # -- callbacks: unpack results into components --------------------------------------------
-    def show_result(result: EditResult) -> list[Any]:
+    def show_result(result: EditResult, session: Session) -> list[Any]:
         a = result.analysis
+        v = session.view_file
         cf_view = views.mark_synthetic(result.image) if result.synthetic else views.mark_acquired(result.image)
         delta = result.image - result.prior
         if a is not None:
@@ -155,7 +156,8 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
             metrics += "\n\n" + " ".join(a.notes)
         record = result.provenance
         return [
-            views.mark_acquired(result.prior), cf_view, delta_view, attention, segmentation, probs, metrics,
+            v(views.mark_acquired(result.prior)), v(cf_view), v(delta_view), v(attention), v(segmentation), probs,
+            metrics,
             record.get("instruction_applied") or result.label, record.get("seed"),
             json.dumps(record, indent=2), gr.update(value=a.finding if a is not None else None),
         ]
@@ -174,41 +176,44 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
         gallery, rows = [], []
         for r in results if compare else []:
             view = views.mark_synthetic(r.image) if r.synthetic else views.mark_acquired(r.image)
-            gallery.append((view, r.label))
+            gallery.append((session.view_file(view), r.label))
             a = r.analysis
             if a is not None:
-                gallery.append((views.delta_panel(a.delta_rgb, a.delta_limit, synthetic=r.synthetic),
+                gallery.append((session.view_file(views.delta_panel(a.delta_rgb, a.delta_limit,
+                                                                     synthetic=r.synthetic)),
                                 f"change map: {r.method}"))
                 m = a.metrics()
                 rows.append([r.method, r.label, m.get("change_inside"), m.get("change_outside"),
                              m.get("dice_mean"), m.get("finding"), views.finding_change(m)])
-        shown = show_result(session.result)
+        shown = show_result(session.result, session)
         return [*shown, gr.update(value=gallery, visible=bool(compare)), gr.update(value=rows, visible=bool(compare)),
                 session]
 
     def reanalyse(session, finding, structure):
-        result = ws.reanalyse(ws.session(session), finding, structure)
-        return show_result(result)
+        session = ws.session(session)
+        return show_result(ws.reanalyse(session, finding, structure), session)
 
     def load(path, session):
         image, read, meta, session = ws.load(path, session)
-        return image, read, meta, gr.update(value=image), session
+        return session.view_file(image), read, meta, gr.update(value=image), session
 
     def ladder(session, finding, steps, text_g, image_g, seed, progress=gr.Progress()):
-        return journey_outputs(ws.ladder(ws.session(session), finding, steps, text_g, image_g, seed, progress), session)
+        session = ws.session(session)
+        return journey_outputs(ws.ladder(session, finding, steps, text_g, image_g, seed, progress), session)
 
     def chain(session, lines, steps, text_g, image_g, seed, progress=gr.Progress()):
-        return journey_outputs(ws.chain(ws.session(session), lines, steps, text_g, image_g, seed, progress), session)
+        session = ws.session(session)
+        return journey_outputs(ws.chain(session, lines, steps, text_g, image_g, seed, progress), session)
 
     def journey_outputs(frames, session):
-        items = [(views.mark_synthetic(img, cap) if syn else views.mark_acquired(img, cap), cap)
+        items = [(session.view_file(views.mark_synthetic(img, cap) if syn else views.mark_acquired(img, cap)), cap)
                  for img, cap, syn in frames]
         gif = ws.export_gif(session)
         return (items, gr.update(maximum=len(items) - 1, value=len(items) - 1), items[-1][0], gif, "", session)
 
     def load_series(paths, session):
         session = ws.session(session)
-        items = ws.load_series([p for p in paths or []], session)
+        items = [(session.view_file(img), cap) for img, cap in ws.load_series([p for p in paths or []], session)]
         return (items, gr.update(choices=[(cap, i) for i, (_, cap) in enumerate(items[:-1])], value=0), session)
 
     def series_step(session, index, instruction, severity, steps, text_g, image_g, seed, progress=gr.Progress()):
@@ -218,9 +223,9 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
         out = list(journey_outputs(frames, session))
         if comparison is not None:
             out[0] = out[0] + [
-                (views.delta_panel(comparison.real_rgb, comparison.delta_limit, synthetic=False),
+                (session.view_file(views.delta_panel(comparison.real_rgb, comparison.delta_limit, synthetic=False)),
                  "real change (registered follow-up − prior)"),
-                (views.delta_panel(comparison.counterfactual_rgb, comparison.delta_limit),
+                (session.view_file(views.delta_panel(comparison.counterfactual_rgb, comparison.delta_limit)),
                  "counterfactual change (counterfactual − prior)"),
             ]
             out[4] = "**Counterfactual vs the real follow-up**\n\n" + views.metrics_markdown(comparison.metrics())
@@ -231,7 +236,7 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
         if not session.journey:
             return None
         img, cap, syn = session.journey[min(int(index), len(session.journey) - 1)]
-        return views.mark_synthetic(img, cap) if syn else views.mark_acquired(img, cap)
+        return session.view_file(views.mark_synthetic(img, cap) if syn else views.mark_acquired(img, cap))
 
     def method_switch(method):
         instruct = method == METHODS[0]

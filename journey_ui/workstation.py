@@ -13,10 +13,12 @@ anything the user can fix; the Gradio layer shows it and the app keeps serving.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,7 @@ INVERSIONS = ("negative-prompt", "direct", "null-text", "ddim")
 LADDER_RUNGS = ("resolved", "improved", "current", "slight", "moderate", "large")
 MAX_SERIES = 12
 MAX_CHAIN = 8
+MAX_VIEW_FILES = 64
 EXAMPLE_INSTRUCTIONS = [
     ["new large left pleural effusion"],
     ["new moderate right pleural effusion; heart size unchanged"],
@@ -104,6 +107,33 @@ class Session:
     series: list[XRay] = field(default_factory=list)
     uploads: list[Path] = field(default_factory=list)
     exports: list[str] = field(default_factory=list)
+    views: list[Path] = field(default_factory=list)
+
+    def view_file(self, rgb: np.ndarray | None) -> str | None:
+        """Writes a display image as a PNG file of its own (a new name every time, written to a
+        temporary name and renamed) and returns its path; None passes through.
+
+        Why files: Gradio caches an image *array* under a name derived from its pixels and
+        rewrites that file in place, so two users shown the same image (the same example) can
+        cut off each other's download. A file output is copied to Gradio's cache safely. Only
+        the session's last :data:`MAX_VIEW_FILES` views are kept on disk.
+        """
+        if rgb is None:
+            return None
+        path = self.folder / f"view-{uuid.uuid4().hex}.png"
+        tmp = path.with_suffix(".tmp")
+        Image.fromarray(np.asarray(rgb)).save(tmp, format="PNG", compress_level=1)
+        os.replace(tmp, path)
+        self.views.append(path)
+        while len(self.views) > MAX_VIEW_FILES:
+            self.views.pop(0).unlink(missing_ok=True)
+        return str(path)
+
+    @property
+    def token(self) -> str:
+        """A short id of this session, part of every export name, so two sessions exporting in the
+        same millisecond never share a name (Session.close deletes served copies by name)."""
+        return self.folder.name.rsplit("-", 1)[-1][:8]
 
     def remember_upload(self, path: str | Path) -> None:
         """Records an uploaded file to delete at session end (only files in Gradio's upload
@@ -525,7 +555,7 @@ class Workstation:
                       "segmentation": "Anatomy (counterfactual)"},
             footer=footer, title=result.label,
         )
-        png, pdf = export.write_figure(fig, session.folder / f"figure-{self._stamp()}")
+        png, pdf = export.write_figure(fig, session.folder / f"figure-{self._stamp()}-{session.token}")
         session.exports += [png.name, pdf.name]
         return [str(png), str(pdf)]
 
@@ -537,7 +567,7 @@ class Workstation:
         if not result.synthetic:
             raise InputError("The identity baseline is the acquired prior; export a generated counterfactual")
         xray = self._need_xray(session)
-        path = session.folder / f"counterfactual-{self._stamp()}.dcm"
+        path = session.folder / f"counterfactual-{self._stamp()}-{session.token}.dcm"
         export.write_dicom(path, result.image_input, source=xray.meta, instruction=result.label,
                            provenance=result.provenance, keep_identifiers=bool(keep_identifiers),
                            patient_name=xray.meta.patient_name if keep_identifiers else None)
@@ -552,7 +582,7 @@ class Workstation:
         record = dict(result.provenance)
         if result.analysis is not None:
             record["analysis"] = result.analysis.metrics()
-        path = export.write_provenance(session.folder / f"provenance-{self._stamp()}.json", record)
+        path = export.write_provenance(session.folder / f"provenance-{self._stamp()}-{session.token}.json", record)
         session.exports.append(path.name)
         return str(path)
 
@@ -563,7 +593,7 @@ class Workstation:
         if not session.journey:
             raise InputError("Generate a journey first")
         frames = [f[0] for f in session.journey]
-        path = export.write_gif(session.folder / f"journey-{self._stamp()}.gif", frames,
+        path = export.write_gif(session.folder / f"journey-{self._stamp()}-{session.token}.gif", frames,
                                 captions=[f[1] for f in session.journey],
                                 label_synthetic=[f[2] for f in session.journey])
         session.exports.append(path.name)

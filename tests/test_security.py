@@ -305,7 +305,7 @@ def test_exports_land_in_the_session_folder_whatever_the_upload_was_called(tiny_
         outputs = [ws.export_dicom(s, False), ws.export_dicom(s, True), ws.export_provenance(s)]
         for out in map(Path, outputs):
             assert out.resolve().parent == s.folder.resolve(), out
-            assert re.fullmatch(r"(counterfactual|provenance)-\d{8}-\d{6}-\d{3}\.(dcm|json)", out.name), out.name
+            assert re.fullmatch(r"(counterfactual|provenance)-\d{8}-\d{6}-\d{3}-[a-z0-9_]{1,8}\.(dcm|json)", out.name), out.name
             assert name not in str(out) and ".." not in out.name
         assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [name]  # nothing written beside it
     finally:

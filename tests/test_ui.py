@@ -400,3 +400,19 @@ def test_unexpected_errors_are_reported_plainly_and_logged_without_their_message
     with caplog.at_level("ERROR"), pytest.raises(gr.Error, match="still running"):
         _handler(broken)("/data/Doe_Jane_MRN12345.dcm")
     assert "RuntimeError" in caplog.text and "Doe_Jane" not in caplog.text
+
+
+def test_display_images_are_written_once_under_new_names_and_pruned():
+    """Gradio rewrites a cached image array in place under a name from its pixels, so two users
+    shown the same image could cut off each other's download; files of their own avoid it."""
+    from journey_ui.workstation import MAX_VIEW_FILES
+
+    s = Session()
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    first, second = s.view_file(rgb), s.view_file(rgb)
+    assert first != second and Image.open(second).size == (8, 8)
+    for _ in range(MAX_VIEW_FILES):
+        s.view_file(rgb)
+    assert not Path(first).exists() and len(list(s.folder.glob("view-*.png"))) == MAX_VIEW_FILES
+    assert s.view_file(None) is None
+    s.close()
