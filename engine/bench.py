@@ -425,6 +425,7 @@ def measure(sides: Sequence[Side], device: Any, *, steps: int, warmup: int, warm
                 side.call(warmup_steps)
             mem = peak["mb"]
         record = {"median_s": statistics.median(times[k]), "p95_s": percentile(times[k], 95),
+                  "min_s": round(min(times[k]), 4),
                   "times_s": [round(t, 4) for t in times[k]], "peak_mem_mb": None if mem is None else round(mem, 1)}
         if extras[k]:
             for stage in extras[k][0]:
