@@ -6,7 +6,7 @@ the DICOM says so in its header (Burned In Annotation, Image Comments, Derivatio
 Description), figures carry :data:`engine.analysis.render.FIGURE_NOTICE`, and provenance
 records refuse patient identifiers unless the caller asks to keep them.
 
-Every writer is atomic (:func:`_atomic_write_bytes`): the file is encoded in memory, written
+Every writer is atomic (:func:`atomic_write_bytes`): the file is encoded in memory, written
 to a temporary file in the target folder and renamed over the target, so a reader never sees a
 half-written file and a failure leaves nothing behind. Errors are :class:`InputError` with a
 plain message.
@@ -49,7 +49,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from engine.errors import InputError
-from engine.io import XRayMeta, _file_mode, _resize, check_intensity
+from engine.io import XRayMeta, _resize, atomic_write_bytes, check_intensity
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -373,7 +373,7 @@ def write_dicom(
         pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     except Exception as exc:  # pydicom raises several types for values it cannot encode
         raise InputError(f"The DICOM for {Path(path).name} could not be encoded ({type(exc).__name__}: {exc})") from exc
-    return _atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _derivation_description(instruction: str, provenance: Mapping[str, Any]) -> str:
@@ -483,7 +483,7 @@ def write_gif(
         buf, format="GIF", save_all=True, append_images=images[1:], duration=int(duration_ms), loop=0,
         comment=SYNTHETIC_BANNER.encode("ascii"),
     )
-    return _atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -669,7 +669,7 @@ def write_figure(fig: Figure, stem: str | os.PathLike[str]) -> tuple[Path, Path]
     ):
         buf = io.BytesIO()
         fig.savefig(buf, format=fmt, dpi=200, metadata=metadata, facecolor="white")
-        written.append(_atomic_write_bytes(stem.with_name(f"{stem.name}.{fmt}"), buf.getvalue()))
+        written.append(atomic_write_bytes(stem.with_name(f"{stem.name}.{fmt}"), buf.getvalue()))
     return written[0], written[1]
 
 
@@ -765,7 +765,7 @@ def write_provenance(
         text = json.dumps(out, indent=2, sort_keys=True, ensure_ascii=False, default=_json_default)
     except (TypeError, ValueError) as exc:
         raise InputError(f"The provenance record cannot be written as JSON ({exc})") from exc
-    return _atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+    return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
 
 
 def _identifier_paths(value: Any, where: str) -> list[str]:
@@ -797,40 +797,3 @@ def _json_default(value: Any) -> Any:
 # ----------------------------------------------------------------------------------------------
 # Atomic writes
 # ----------------------------------------------------------------------------------------------
-
-
-def _atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Writes ``data`` to ``path`` via a temporary file in the same folder and a rename.
-
-    A reader never sees a half-written file; a failure leaves no temporary file behind. The
-    result gets the mode a plain ``open()`` would give it (an existing file's mode is kept).
-
-    Returns:
-        The path written.
-
-    Raises:
-        InputError: the folder does not exist or the file cannot be written.
-    """
-    target = Path(path)
-    folder = target.parent
-    if not folder.is_dir():
-        raise InputError(f"Cannot write {target}: the folder {folder} does not exist; create it first")
-    tmp_name: str | None = None
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{target.name}.", suffix=".tmp", delete=False) as tmp:
-            tmp_name = tmp.name
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.chmod(tmp_name, _file_mode(target))  # NamedTemporaryFile is private (0600)
-        os.replace(tmp_name, target)
-        tmp_name = None
-    except OSError as exc:
-        raise InputError(f"Cannot write {target}: {exc.strerror or exc}") from exc
-    finally:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
-    return target

@@ -561,8 +561,23 @@ def write_png(
     Raises:
         InputError: bad image or bits, a missing folder, or an unwritable location.
     """
-    target = Path(path)
     data = encode_png(image, bits=bits, text=text)  # encode first: a bad image creates nothing
+    atomic_write_bytes(path, data)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Writes ``data`` to ``path`` via a temporary file in the same folder and a rename.
+
+    A reader never sees a half-written file; a failure leaves no temporary file behind. The
+    result gets the mode a plain ``open()`` would give it (an existing file's mode is kept).
+
+    Returns:
+        The path written.
+
+    Raises:
+        InputError: the folder does not exist or the file cannot be written.
+    """
+    target = Path(path)
     folder = target.parent
     if not folder.is_dir():
         raise InputError(f"Cannot write {target}: the folder {folder} does not exist; create it first")
@@ -573,8 +588,7 @@ def write_png(
             tmp.write(data)
             tmp.flush()
             os.fsync(tmp.fileno())
-        # NamedTemporaryFile is private (0600); give the result the mode a plain open() would.
-        os.chmod(tmp_name, _file_mode(target))
+        os.chmod(tmp_name, _file_mode(target))  # NamedTemporaryFile is private (0600)
         os.replace(tmp_name, target)
         tmp_name = None
     except OSError as exc:
@@ -585,6 +599,7 @@ def write_png(
                 os.unlink(tmp_name)
             except OSError:
                 pass
+    return target
 
 
 def _file_mode(target: Path) -> int:

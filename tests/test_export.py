@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import engine.export as export
+import engine.io as io_module
 from engine.errors import InputError
 from engine.export import (
     burn_synthetic_label,
@@ -279,7 +280,7 @@ def test_failed_write_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_written_files_get_normal_permissions(tmp_path: Path) -> None:
     out = write_provenance(tmp_path / "p.json", PROVENANCE)
-    assert os.stat(out).st_mode & 0o777 == export._file_mode(tmp_path / "absent")
+    assert os.stat(out).st_mode & 0o777 == io_module._file_mode(tmp_path / "absent")
 
 
 def test_export_does_not_import_torch() -> None:
