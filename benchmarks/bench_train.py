@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.fit import EMA, Trainee, diffusion_loss, trainable, vae_loss  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
+from train.fit import EMA, Trainee, diffusion_loss, make_optimizer, trainable, vae_loss  # noqa: E402
 from train.models import LATENT_CHANNELS, UNET_ARCHS, fresh_unet, fresh_vae, noise_scheduler_config  # noqa: E402
 
 TEXT_TOKENS = {"sd15": 77, "mini": 128, "tiny": 32}
@@ -61,8 +62,9 @@ def bench_stage(stage: str, args: argparse.Namespace, device: torch.device, dtyp
     trainee = Trainee(models, train_projection=False)
     params = trainable(trainee)
     n_params = sum(p.numel() for p in params.values())
-    optimizer = torch.optim.AdamW(list(params.values()), lr=1e-4, fused=device.type == "cuda")
-    ema = EMA(params, 0.9999)
+    cfg = TrainConfig()  # the trainer's defaults: lr, betas, weight decay, EMA decay
+    optimizer = make_optimizer(params, cfg, device)  # the trainer's own (fused AdamW on CUDA)
+    ema = EMA(params, cfg.ema_decay)
     scheduler = DDPMScheduler.from_config(noise_scheduler_config())
     h = size // factor
     cross = UNET_ARCHS[args.arch]["cross_attention_dim"]
