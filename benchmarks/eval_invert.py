@@ -18,7 +18,10 @@ ground truth). Every system edits the input; per system the script reports
 
 Systems: ``instruct`` ("without support devices", dual guidance) and ``invert`` with each of
 ``--inversions`` (source caption -> target caption, prompt-to-prompt control, the target's edited
-words re-weighted by ``--word-weight``). Instruct models run the invert method as text-to-image
+words re-weighted by ``--word-weight``, optionally confined by ``--local-blend``), returning the
+input plus the edit's difference from the reconstruction (the engine's default); with
+``--decoded`` also ``invert/<inversion>/decoded``, the decoded edit itself as PRISM publishes
+(the same inversion from the cache, so its seconds exclude the inversion). Instruct models run the invert method as text-to-image
 models with the prior withheld (see ``Engine.invert_edit``).
 """
 
@@ -72,6 +75,9 @@ def main() -> int:
     parser.add_argument("--word-weight", type=float, default=2.0, help="invert: PRISM re-weights edited words by 2")
     parser.add_argument("--guidance", type=float, default=7.5, help="text guidance of both methods")
     parser.add_argument("--image-guidance", type=float, default=1.5, help="instruct: image guidance")
+    parser.add_argument("--local-blend", default="", help="invert: comma-separated words whose attention confines the edit")
+    parser.add_argument("--decoded", action="store_true",
+                        help="also report each inversion with residual=False (the decoded edit, as PRISM publishes)")
     parser.add_argument("--classifier", default="auto")
     parser.add_argument("--edit-score", default="none",
                         help="CLIP folder or open_clip name: also report PRISM's edit score (CLIP directional similarity)")
@@ -96,6 +102,9 @@ def main() -> int:
     column = clf.index("Support Devices")
     inversions = [s.strip() for s in args.inversions.split(",") if s.strip()]
     systems = (["instruct"] if eng.card.method == "instruct" else []) + [f"invert/{inv}" for inv in inversions]
+    if args.decoded:
+        systems += [f"invert/{inv}/decoded" for inv in inversions]
+    local_blend = tuple(w.strip() for w in args.local_blend.split(",") if w.strip())
 
     def p_devices(image: np.ndarray) -> float:
         return float(clf.predict(image[None, None])[0, column])
@@ -122,9 +131,11 @@ def main() -> int:
                 edited = eng.counterfactual(image, args.instruction, steps=args.instruct_steps, seed=case,
                                             text_guidance=args.guidance, image_guidance=args.image_guidance).image
             else:
+                _, inversion, *variant = system.split("/")
                 edited = eng.invert_edit(image, args.source_prompt, args.target_prompt,
-                                         inversion=system.split("/", 1)[1], steps=args.steps, guidance=args.guidance,
-                                         word_weight=args.word_weight).image
+                                         inversion=inversion, steps=args.steps, guidance=args.guidance,
+                                         word_weight=args.word_weight, local_blend=local_blend,
+                                         residual=variant != ["decoded"]).image
             seconds = time.perf_counter() - t0
             score = None if scorer is None else scorer.directional_similarity(
                 image, edited, args.source_prompt, args.target_prompt)
@@ -146,10 +157,10 @@ def main() -> int:
     def show(value: float | None) -> str:
         return "exact" if value is None else f"{value:.2f}"
 
-    print(f"\n{'system':<24} {'P(dev) in->out':>16} {'PSNR truth':>11} {'(input; VAE)':>16} "
+    print(f"\n{'system':<32} {'P(dev) in->out':>16} {'PSNR truth':>11} {'(input; VAE)':>16} "
           f"{'PSNR outside':>13} {'(input)':>8} {'s/edit':>8}")
     for system, s in summary.items():
-        print(f"{system:<24} {s['p_devices_input']:>7.3f}->{s['p_devices_edit']:<7.3f} {show(s['psnr_truth']):>11} "
+        print(f"{system:<32} {s['p_devices_input']:>7.3f}->{s['p_devices_edit']:<7.3f} {show(s['psnr_truth']):>11} "
               f"({show(s['psnr_input_truth'])}; {show(s['psnr_vae_truth'])}) {show(s['psnr_truth_outside']):>13} "
               f"({show(s['psnr_input_truth_outside'])}) {s['seconds']:>8.1f}")
     if args.out:

@@ -208,6 +208,11 @@ class InvertRequest:
             prompt local blend); empty means no blending.
         blend_threshold: fraction of the word map's maximum that counts as inside (0.3).
         inner_steps: null-text: at most this many Adam steps per denoising step.
+        residual: return the input plus the decoded edit's difference from the decoded
+            reconstruction (``input + D(edit) - D(reconstruction)``, clipped to [0, 1]), so
+            wherever the edit left the latents alone the input's own pixels come back, not
+            the VAE's blurred copy (what the instruct path's ``change`` models do). False returns
+            the decoded target branch itself, as PRISM publishes.
     """
 
     source_prompt: str
@@ -222,6 +227,7 @@ class InvertRequest:
     local_blend: tuple[str, ...] = ()
     blend_threshold: float = 0.3
     inner_steps: int = 10
+    residual: bool = True
 
     def validated(self) -> InvertRequest:
         """Checks every field; returns the request with prompts stripped and word lists as tuples.
@@ -241,6 +247,8 @@ class InvertRequest:
             raise InputError(f"steps must be an integer from 1 to 500, not {self.steps!r}")
         if not isinstance(self.inner_steps, int) or not 1 <= self.inner_steps <= 100:
             raise InputError(f"inner_steps must be an integer from 1 to 100, not {self.inner_steps!r}")
+        if not isinstance(self.residual, bool):
+            raise InputError(f"residual must be true or false, not {self.residual!r}")
         checks = {"guidance": (0, 50), "cross_replace": (0, 1), "self_replace": (0, 1), "word_weight": (0, 20),
                   "blend_threshold": (0, 1)}
         for name, (lo, hi) in checks.items():
@@ -799,6 +807,8 @@ class Engine:
             m = blend.mask(record)
             blend_mask = torch.nn.functional.interpolate(m, size=canvas.shape, mode="nearest")[0, 0].numpy() > 0.5
             edited = composite(edited, reconstruction, blend_mask.astype(np.float32))
+        if request.residual:  # the input's own pixels wherever the edit equals the reconstruction
+            edited = np.clip(canvas + (edited - reconstruction), 0.0, 1.0).astype(np.float32)
         if allowed_canvas is not None:  # outside the allowed region the output is the input, exactly
             edited = composite(edited, canvas, allowed_canvas)
         source_words, source_maps = word_maps(record, tokenizer, request.source_prompt, 0, max_tokens)
