@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--share", action="store_true", default=os.environ.get("CXR_SHARE") == "1",
                         help="ask Gradio for a public share link (off unless asked)")
     parser.add_argument("--device", default=os.environ.get("CXR_DEVICE", "auto"), help="auto, cpu or cuda")
+    parser.add_argument("--cuda-graphs", action="store_true", default=os.environ.get("CXR_CUDA_GRAPHS") == "1",
+                        help="replay the UNet step from CUDA graphs (CUDA only; see docs/PERFORMANCE.md)")
     parser.add_argument("--concurrency", type=int, default=int(os.environ.get("CXR_CONCURRENCY", "1")),
                         help="model calls run at once; further requests queue (default 1)")
     args = parser.parse_args(argv)
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from journey_ui import build
 
     try:
-        eng = engine.load(args.model, device=args.device)
+        eng = engine.load(args.model, device=args.device, cuda_graphs=args.cuda_graphs)
     except (engine.InputError, engine.ModelFolderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -114,6 +114,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps of warm-up and memory calls (default 2; 0: --steps)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay the instruct UNet step from CUDA graphs (engine.graphs; CUDA only)")
     parser.add_argument("--no-text-cache", action="store_true",
                         help="turn the engine's text-embedding cache off (before/after measurements)")
     parser.add_argument("--append", action="store_true",
@@ -563,7 +565,7 @@ def _engines(args: argparse.Namespace, workdir: Path, method: str) -> Iterator[t
     import engine as engine_api
 
     if args.arch is None:
-        eng = engine_api.load(args.model, device=args.device, dtype=args.dtype)
+        eng = engine_api.load(args.model, device=args.device, dtype=args.dtype, cuda_graphs=args.cuda_graphs)
         wrong = [r for r in (args.res or [eng.resolution]) if r != eng.resolution]
         if wrong:
             raise InputError(f"--model runs at its card's resolution ({eng.resolution}), not {wrong}; "
@@ -581,7 +583,8 @@ def _engines(args: argparse.Namespace, workdir: Path, method: str) -> Iterator[t
             folder = base
         else:
             folder = with_resolution(base, res, workdir / f"{args.arch}-{kind}-{res}")
-        eng = engine_api.load(folder, device=args.device, dtype=args.dtype)
+        eng = engine_api.load(folder, device=args.device, dtype=args.dtype,
+                              cuda_graphs=args.cuda_graphs and kind == "instruct")
         yield res, eng
         del eng
         gc.collect()
@@ -610,8 +613,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] = (),
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     env = environment(device, resolve_dtype(args.dtype, device), argv)
-    settings = {k: getattr(args, k) for k in ("model", "arch", "res", "steps", "method", "batch", "compare",
-                                               "repeats", "warmup", "warmup_steps", "no_memory", "no_text_cache")}
+    settings = {k: getattr(args, k) for k in ("model", "arch", "res", "steps", "method", "batch", "compare", "repeats",
+                                               "warmup", "warmup_steps", "no_memory", "no_text_cache", "cuda_graphs")}
     settings["guidance"] = {"text": TEXT_GUIDANCE, "image": IMAGE_GUIDANCE}
     rows: list[dict[str, Any]] = []
     result = {"environment": env, "settings": settings, "rows": rows}

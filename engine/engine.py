@@ -24,6 +24,7 @@ import torch
 
 from engine.checkpoint import ModelCard, ModelParts, load_model_parts
 from engine.errors import InputError, ModelFolderError
+from engine.graphs import GraphedUNet
 from engine.instruct import SCHEDULERS, make_scheduler, null_image_latents, sample_instruct
 from engine.io import SquareTransform, XRay, to_square
 from engine.regions import Regions, composite, latent_mask
@@ -420,7 +421,8 @@ class Engine:
     Build it with :func:`load`.
     """
 
-    def __init__(self, parts: ModelParts, text_encoder: TextEncoder, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, parts: ModelParts, text_encoder: TextEncoder, device: torch.device, dtype: torch.dtype,
+                 *, cuda_graphs: bool = False) -> None:
         self.parts = parts
         self.card: ModelCard = parts.card
         self.text_encoder = text_encoder
@@ -433,6 +435,8 @@ class Engine:
             parts.text_projection.to(device=device, dtype=dtype) if parts.text_projection else None
         )
         self.text_encoder.to(device)
+        # The instruct sampler's UNet: replayed from CUDA graphs when asked (engine.graphs).
+        self.denoiser = GraphedUNet(self.unet) if cuda_graphs else self.unet
         self._lock = threading.Lock()
         self._inversions: OrderedDict[tuple, Any] = OrderedDict()
         self.text_cache_size = TEXT_CACHE_SIZE  # 0 turns the embedding cache off (benchmarks)
@@ -534,6 +538,12 @@ class Engine:
         decoded = self.decode(torch.cat([base + change, distinct.view(-1, *base.shape[1:])]), clip=False)
         edited, reconstructed = decoded[: len(base)], decoded[len(base):][which]
         return (priors.to(edited.device) + edited - reconstructed).clamp(0.0, 1.0)
+
+    def warm_up(self) -> None:
+        """Runs one 2-step edit of a blank image, so the first user's edit meets warm kernels
+        (and, with CUDA graphs, a captured graph for the one-edit shape)."""
+        blank = np.full((self.resolution, self.resolution), 0.5, np.float32)
+        self.counterfactual(blank, "no change", steps=2, seed=0)
 
     def prepare(self, image: XRay | np.ndarray) -> tuple[np.ndarray, SquareTransform]:
         """Letterboxes an input onto the model's square canvas.
@@ -669,7 +679,7 @@ class Engine:
             )
         t2 = time.perf_counter()
         latents = sample_instruct(
-            self.unet,
+            self.denoiser,
             make_scheduler(scheduler_name, self.parts.scheduler_config),
             condition,
             text,
@@ -881,7 +891,7 @@ class Engine:
 
 
 def load(model: str | os.PathLike[str] | None = None, device: str = "auto", dtype: str = "auto", *,
-         unet: str | os.PathLike[str] | None = None) -> Engine:
+         unet: str | os.PathLike[str] | None = None, cuda_graphs: bool = False) -> Engine:
     """Loads a model folder or hub id into an :class:`Engine`.
 
     Args:
@@ -893,17 +903,25 @@ def load(model: str | os.PathLike[str] | None = None, device: str = "auto", dtyp
         dtype: ``auto`` (bf16/fp16 on CUDA, fp32 on the CPU), ``fp32``, ``fp16``, ``bf16``.
         unet: optional UNet override (PRISM's fine-tuned UNet on SD 1.5): a ``.safetensors``
             file, or a folder or hub id (see :func:`engine.checkpoint.load_model_parts`).
+        cuda_graphs: replay the instruct sampler's UNet step from CUDA graphs
+            (:mod:`engine.graphs`; CUDA only), captured here for the one-edit shape and lazily
+            for others. Off by default until measured on a GPU (docs/PERFORMANCE.md).
 
     Raises:
         ModelFolderError: the model is missing or inconsistent (message says what to do).
-        InputError: unknown device or dtype.
+        InputError: unknown device or dtype; CUDA graphs asked for without a CUDA device.
     """
     if model is None:
         model = default_model()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if cuda_graphs and torch_device.type != "cuda":
+        raise InputError(f"CUDA graphs need a CUDA device; this engine would run on {torch_device.type}")
     with _quiet_loading():
-        return _load(model, torch_device, torch_dtype, unet)
+        eng = _load(model, torch_device, torch_dtype, unet, cuda_graphs)
+    if cuda_graphs and eng.card.method == "instruct":
+        eng.warm_up()
+    return eng
 
 
 @contextlib.contextmanager
@@ -924,7 +942,7 @@ def _quiet_loading() -> Iterator[None]:
 
 
 def _load(model: str | os.PathLike[str], torch_device: torch.device, torch_dtype: torch.dtype,
-          unet: str | os.PathLike[str] | None = None) -> Engine:
+          unet: str | os.PathLike[str] | None = None, cuda_graphs: bool = False) -> Engine:
     parts = load_model_parts(model, torch_dtype=torch_dtype, unet=unet)
     encoder = load_text_encoder(parts.card.text_encoder, parts.root)
     expected = parts.text_projection.in_features if parts.text_projection else int(parts.unet.config.cross_attention_dim)
@@ -933,7 +951,7 @@ def _load(model: str | os.PathLike[str], torch_device: torch.device, torch_dtype
             f"The text encoder gives {encoder.width}-wide states but the model expects "
             f"{expected}; the card's text_encoder does not match this model"
         )
-    return Engine(parts, encoder, torch_device, torch_dtype)
+    return Engine(parts, encoder, torch_device, torch_dtype, cuda_graphs=cuda_graphs)
 
 
 def default_model() -> Path:
