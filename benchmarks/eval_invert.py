@@ -19,8 +19,8 @@ ground truth). Every system edits the input; per system the script reports
 Systems: ``instruct`` ("without support devices", dual guidance) and ``invert`` with each of
 ``--inversions`` (source caption -> target caption, prompt-to-prompt control, the target's edited
 words re-weighted by ``--word-weight``, optionally confined by ``--local-blend``), returning the
-input plus the edit's difference from the reconstruction (the engine's default); with
-``--decoded`` also ``invert/<inversion>/decoded``, the decoded edit itself as PRISM publishes
+decoded edit as PRISM does (the engine's default); with ``--residual`` also
+``invert/<inversion>/residual``, the input plus the edit's difference from the reconstruction
 (the same inversion from the cache, so its seconds exclude the inversion). Instruct models run the invert method as text-to-image
 models with the prior withheld (see ``Engine.invert_edit``).
 """
@@ -76,8 +76,8 @@ def main() -> int:
     parser.add_argument("--guidance", type=float, default=7.5, help="text guidance of both methods")
     parser.add_argument("--image-guidance", type=float, default=1.5, help="instruct: image guidance")
     parser.add_argument("--local-blend", default="", help="invert: comma-separated words whose attention confines the edit")
-    parser.add_argument("--decoded", action="store_true",
-                        help="also report each inversion with residual=False (the decoded edit, as PRISM publishes)")
+    parser.add_argument("--residual", action="store_true",
+                        help="also report each inversion with residual output (input + edit - reconstruction)")
     parser.add_argument("--classifier", default="auto")
     parser.add_argument("--edit-score", default="none",
                         help="CLIP folder or open_clip name: also report PRISM's edit score (CLIP directional similarity)")
@@ -102,8 +102,8 @@ def main() -> int:
     column = clf.index("Support Devices")
     inversions = [s.strip() for s in args.inversions.split(",") if s.strip()]
     systems = (["instruct"] if eng.card.method == "instruct" else []) + [f"invert/{inv}" for inv in inversions]
-    if args.decoded:
-        systems += [f"invert/{inv}/decoded" for inv in inversions]
+    if args.residual:
+        systems += [f"invert/{inv}/residual" for inv in inversions]
     local_blend = tuple(w.strip() for w in args.local_blend.split(",") if w.strip())
 
     def p_devices(image: np.ndarray) -> float:
@@ -135,7 +135,7 @@ def main() -> int:
                 edited = eng.invert_edit(image, args.source_prompt, args.target_prompt,
                                          inversion=inversion, steps=args.steps, guidance=args.guidance,
                                          word_weight=args.word_weight, local_blend=local_blend,
-                                         residual=variant != ["decoded"]).image
+                                         residual=variant == ["residual"]).image
             seconds = time.perf_counter() - t0
             score = None if scorer is None else scorer.directional_similarity(
                 image, edited, args.source_prompt, args.target_prompt)

@@ -58,9 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument("--weighted-words", default="", help="invert: words to re-weight (default: the edited words)")
     edit.add_argument("--local-blend", default="", help="invert: words whose attention confines the edit")
     edit.add_argument("--blend-threshold", type=float, default=0.3)
-    edit.add_argument("--no-residual", action="store_true",
-                      help="invert: return the decoded edit itself, as PRISM does (default: the input plus "
-                           "the edit's difference from the reconstruction, so untouched pixels stay the input's)")
+    edit.add_argument("--residual", action="store_true",
+                      help="invert: return the input plus the edit's difference from the reconstruction, so "
+                           "untouched pixels stay the input's (default: the decoded edit, as PRISM does)")
     edit.add_argument("--cross-replace", type=float, default=0.8, help="invert: fraction of steps")
     edit.add_argument("--self-replace", type=float, default=0.4, help="invert: fraction of steps")
     edit.add_argument("--edit-mask", default=None, help="image painted where change is allowed (input geometry)")
@@ -94,7 +94,7 @@ def _words(text: str) -> tuple[str, ...]:
 _INSTRUCT_ONLY = {"instruction": None, "severity": "none", "seed": None, "image_guidance": 1.5, "scheduler": "ddim"}
 _INVERT_ONLY = {"source_prompt": None, "target_prompt": None, "inversion": "null-text", "word_weight": 1.0,
                 "weighted_words": "", "local_blend": "", "blend_threshold": 0.3, "cross_replace": 0.8,
-                "self_replace": 0.4, "edit_score": "none", "no_residual": False}
+                "self_replace": 0.4, "edit_score": "none", "residual": False}
 
 
 def _request(args: argparse.Namespace):
@@ -125,7 +125,7 @@ def _request(args: argparse.Namespace):
         source_prompt=args.source_prompt, target_prompt=args.target_prompt, inversion=args.inversion,
         steps=50 if args.steps is None else args.steps, guidance=args.text_guidance, cross_replace=args.cross_replace,
         self_replace=args.self_replace, word_weight=args.word_weight, weighted_words=_words(args.weighted_words),
-        local_blend=_words(args.local_blend), blend_threshold=args.blend_threshold, residual=not args.no_residual,
+        local_blend=_words(args.local_blend), blend_threshold=args.blend_threshold, residual=args.residual,
     ).validated()
 
 

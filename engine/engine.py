@@ -211,9 +211,11 @@ class InvertRequest:
         inner_steps: null-text: at most this many Adam steps per denoising step.
         residual: return the input plus the decoded edit's difference from the decoded
             reconstruction (``input + D(edit) - D(reconstruction)``, clipped to [0, 1]), so
-            wherever the edit left the latents alone the input's own pixels come back, not
-            the VAE's blurred copy (what the instruct path's ``change`` models do). False returns
-            the decoded target branch itself, as PRISM publishes.
+            wherever the edit left the latents alone (outside a local blend, say) the input's
+            own pixels come back, not the VAE's blurred copy (what the instruct path's ``change``
+            models do). Off by default: detail the VAE cannot represent (thin device lines)
+            stays in the input, so removals are weaker (docs/eval/invert_devices.json); the
+            default returns the decoded target branch itself, as PRISM publishes.
     """
 
     source_prompt: str
@@ -228,7 +230,7 @@ class InvertRequest:
     local_blend: tuple[str, ...] = ()
     blend_threshold: float = 0.3
     inner_steps: int = 10
-    residual: bool = True
+    residual: bool = False
 
     def validated(self) -> InvertRequest:
         """Checks every field; returns the request with prompts stripped and word lists as tuples.

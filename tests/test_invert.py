@@ -101,10 +101,10 @@ def test_identical_captions_return_the_reconstruction(sd_engine, inversion):
 
 def test_residual_output_is_the_input_where_the_edit_did_nothing(sd_engine):
     img = _image()
-    same = sd_engine.invert_edit(img, SOURCE, SOURCE, inversion="negative-prompt", steps=STEPS)
+    same = sd_engine.invert_edit(img, SOURCE, SOURCE, inversion="negative-prompt", steps=STEPS, residual=True)
     np.testing.assert_allclose(same.image, same.prior, atol=1e-5)  # the input's own pixels, not the VAE's
-    plain = sd_engine.invert_edit(img, SOURCE, TARGET, inversion="negative-prompt", steps=STEPS, residual=False)
-    residual = sd_engine.invert_edit(img, SOURCE, TARGET, inversion="negative-prompt", steps=STEPS)
+    plain = sd_engine.invert_edit(img, SOURCE, TARGET, inversion="negative-prompt", steps=STEPS)
+    residual = sd_engine.invert_edit(img, SOURCE, TARGET, inversion="negative-prompt", steps=STEPS, residual=True)
     # the same edit, carried onto the input: input + (edit - reconstruction)
     expected = np.clip(residual.prior + plain.image - plain.reconstruction, 0, 1)
     np.testing.assert_allclose(residual.image, expected, atol=1e-5)
@@ -228,11 +228,15 @@ def test_local_blend_leaves_pixels_outside_the_mask_unchanged(sd_engine, monkeyp
     latents, latent_mask = seen["latents"], seen["mask"][0]
     assert ((latents[1] - latents[0]).abs() * (1 - latent_mask)).max() == 0
     assert ((latents[1] - latents[0]).abs() * latent_mask).max() > 0.1
-    # ... and the output pixels there are the input's own
-    diff = np.abs(out.image - out.prior)
+    # ... and so are the output pixels (the decoded reconstruction there) ...
+    diff = np.abs(out.image - out.reconstruction)
     assert diff[~mask].max() < 1e-6 and diff[mask].max() > 1e-2
     unblended = sd_engine.invert_edit(_image(), replace(request, local_blend=()))
-    assert np.abs(unblended.image - unblended.prior)[~mask].max() > 1e-2
+    assert np.abs(unblended.image - unblended.reconstruction)[~mask].max() > 1e-2
+    # ... or, with residual output, the input's own pixels
+    residual = sd_engine.invert_edit(_image(), replace(request, residual=True))
+    diff = np.abs(residual.image - residual.prior)
+    assert diff[~mask].max() < 1e-6 and diff[mask].max() > 1e-2
 
 
 # -- regions -------------------------------------------------------------------------------------------
@@ -310,7 +314,7 @@ def test_instruct_models_invert_with_the_prior_withheld(tmp_path, target):
     assert out.image.shape == (64, 64) and out.image_input.shape == img.shape
     assert out.edit_mode == "refine" and np.isfinite(out.image).all()
     same = eng.invert_edit(img, "support devices", "support devices", inversion="negative-prompt", steps=4)
-    np.testing.assert_allclose(same.image, same.prior, atol=1e-5)
+    np.testing.assert_allclose(same.image, same.reconstruction, atol=1e-5)
 
 
 # -- requests, edit score, CLI -----------------------------------------------------------------------
@@ -365,12 +369,12 @@ def test_cli_edit_method_invert(sd_folder, tmp_path, capsys):
     out = tmp_path / "out.png"
     code = main(["edit", str(src), "--method", "invert", "--source-prompt", SOURCE, "--target-prompt", TARGET,
                  "--inversion", "negative-prompt", "--steps", "3", "--word-weight", "2", "--local-blend", "without",
-                 "--keep-mask", str(tmp_path / "keep.png"), "--no-residual", "--model", str(sd_folder),
+                 "--keep-mask", str(tmp_path / "keep.png"), "--residual", "--model", str(sd_folder),
                  "--device", "cpu", "--out", str(out)])
     assert code == 0
     record = json.loads(capsys.readouterr().out)
     assert record["method"] == "invert (negative-prompt)" and record["edit_mode"] == "replace"
-    assert record["request"]["residual"] is False
+    assert record["request"]["residual"] is True
     assert record["request"]["word_weight"] == 2.0 and record["request"]["local_blend"] == ["without"]
     assert record["regions"]["keep_fraction"] == 0.4 and "edit score off" in record["edit_score_note"]
     assert read_xray(out).pixels.shape == (64, 50)
@@ -382,7 +386,7 @@ def test_cli_edit_method_invert(sd_folder, tmp_path, capsys):
         (["--method", "invert", "--target-prompt", TARGET], "--source-prompt"),
         (["--method", "instruct"], "--instruction"),
         (["--instruction", "edema", "--word-weight", "2"], "--word-weight do(es) not apply to --method instruct"),
-        (["--instruction", "edema", "--no-residual"], "--no-residual do(es) not apply to --method instruct"),
+        (["--instruction", "edema", "--residual"], "--residual do(es) not apply to --method instruct"),
         (["--method", "invert", "--source-prompt", SOURCE, "--target-prompt", TARGET, "--seed", "1"], "--seed"),
         (["--method", "invert", "--source-prompt", SOURCE, "--target-prompt", TARGET, "--cross-replace", "3"],
          "cross_replace"),
