@@ -116,6 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the instruct UNet step from CUDA graphs (engine.graphs; CUDA only)")
+    parser.add_argument("--prior-cache", action="store_true",
+                        help="keep the engine's prior cache on: re-edits of one image skip the VAE encode (and a "
+                             "change model's prior decode); off by default, so edits are timed cold")
     parser.add_argument("--no-text-cache", action="store_true",
                         help="turn the engine's text-embedding cache off (before/after measurements)")
     parser.add_argument("--append", action="store_true",
@@ -552,7 +555,8 @@ def _row(eng: Any, method: str, batch: int, args: argparse.Namespace, records: l
     return {
         "model": eng.card.name, "model_id": str(eng.model_id), "method": method, "res": eng.resolution,
         "batch": batch, "steps": args.steps, "device": eng.device.type, "dtype": str(eng.dtype).removeprefix("torch."),
-        "text_cache": eng.text_cache_size > 0, "ours": ours, "diffusers": theirs,
+        "text_cache": eng.text_cache_size > 0, "prior_cache": eng.prior_cache_size > 0,
+        "ours": ours, "diffusers": theirs,
         "ratio": None if theirs is None else round(ours["median_s"] / theirs["median_s"], 3),
         "relative_to_batch1": None, "max_abs_diff": None, "notes": [],
     }
@@ -614,7 +618,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] = (),
     device = resolve_device(args.device)
     env = environment(device, resolve_dtype(args.dtype, device), argv)
     settings = {k: getattr(args, k) for k in ("model", "arch", "res", "steps", "method", "batch", "compare", "repeats",
-                                               "warmup", "warmup_steps", "no_memory", "no_text_cache", "cuda_graphs")}
+                                               "warmup", "warmup_steps", "no_memory", "no_text_cache", "prior_cache",
+                                               "cuda_graphs")}
     settings["guidance"] = {"text": TEXT_GUIDANCE, "image": IMAGE_GUIDANCE}
     rows: list[dict[str, Any]] = []
     result = {"environment": env, "settings": settings, "rows": rows}
@@ -632,6 +637,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] = (),
                 if args.no_text_cache:
                     eng.text_cache_size = 0
                     eng.clear_text_cache()
+                if not args.prior_cache:  # every call encodes (and decodes) its prior, as diffusers' does
+                    eng.prior_cache_size = 0
+                    eng.clear_prior_cache()
                 canvas = sample_radiograph(res)
                 if method == "instruct":
                     pipe = instruct_pipeline(eng) if args.compare == "diffusers" else None

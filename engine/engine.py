@@ -38,6 +38,7 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "models" / "
 MAX_INSTRUCTION_CHARS = 1000
 INVERSION_CACHE_SIZE = 8
 TEXT_CACHE_SIZE = 32  # projected text embeddings kept on the device (a few MB at most)
+PRIOR_CACHE_SIZE = 8  # priors kept with their VAE latent and decoded reconstruction (~1 MB each at 512 px)
 SELF_REPLACE_MAX_QUERIES = 16 * 16  # prompt-to-prompt replaces self-attention at <= 16x16 layers
 LOCAL_BLEND_START = 0.2  # local blend acts from 20% of the steps on, as in prompt-to-prompt
 SYNTHETIC_LABEL = "SYNTHETIC - research use only, not for diagnosis"
@@ -443,6 +444,8 @@ class Engine:
         self._inversions: OrderedDict[tuple, Any] = OrderedDict()
         self.text_cache_size = TEXT_CACHE_SIZE  # 0 turns the embedding cache off (benchmarks)
         self._texts: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.prior_cache_size = PRIOR_CACHE_SIZE  # 0 turns the prior cache off (benchmarks time cold edits)
+        self._priors: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
 
     # -- what the model is -------------------------------------------------------------
     @property
@@ -520,7 +523,8 @@ class Engine:
         return (x - lo) / (hi - lo)
 
     @torch.no_grad()
-    def decode_change(self, priors: torch.Tensor, prior_latents: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+    def decode_change(self, priors: torch.Tensor, prior_latents: torch.Tensor, change: torch.Tensor,
+                      reconstructed: torch.Tensor | None = None) -> torch.Tensor:
         """Images of a ``change`` model's output: the prior plus the decoded change.
 
         ``prior + D(p + change) - D(p)``: where the model changed nothing the prior's pixels come
@@ -530,16 +534,58 @@ class Engine:
             priors: ``(B, 1, S, S)`` [0, 1] prior canvases.
             prior_latents: ``(B, C, h, w)`` their unscaled VAE modes.
             change: ``(B, C, h, w)`` sampled changes in the scaled latent space.
+            reconstructed: ``(B, 1, S, S)`` the priors' unclipped decodes ``D(p)`` when already
+                known (the engine's prior cache); decoded here otherwise.
 
         Returns:
             ``(B, 1, S, S)`` float32 images in [0, 1].
         """
         base = prior_latents * self.card.latent_scaling
+        if reconstructed is not None:
+            edited = self.decode(base + change, clip=False)
+            return (priors.to(edited.device) + edited - reconstructed.to(edited.device)).clamp(0.0, 1.0)
         # A journey repeats one prior for every rung: decode each distinct prior latent once.
         distinct, which = torch.unique(base.flatten(1), dim=0, return_inverse=True)
         decoded = self.decode(torch.cat([base + change, distinct.view(-1, *base.shape[1:])]), clip=False)
         edited, reconstructed = decoded[: len(base)], decoded[len(base):][which]
         return (priors.to(edited.device) + edited - reconstructed).clamp(0.0, 1.0)
+
+    def _prior_entries(self, priors: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
+        """Each prior canvas's cache entry, ``{"latent": (C, h, w)}`` (plus ``"decoded"`` once known).
+
+        Priors are keyed by content (sha256 of the canvas), so a journey's repeated prior and a
+        re-edit of the same image skip the VAE encoder, and a ``change`` model's re-edit skips
+        decoding the prior too. Distinct new priors are encoded in one batch. Call with
+        ``self._lock`` held. Entries are shared: never modify their tensors in place.
+        """
+        keys = [hashlib.sha256(p.tobytes()).hexdigest() + str(p.shape) for p in priors]
+        entries = {k: self._priors[k] for k in keys if k in self._priors}
+        new = {k: p for k, p in zip(keys, priors) if k not in entries}
+        if new:
+            latents = self.encode_prior(torch.from_numpy(np.stack(list(new.values())))[:, None])  # (P, C, h, w)
+            entries.update({k: {"latent": latent} for k, latent in zip(new, latents)})
+        for k in keys:
+            if self.prior_cache_size > 0:
+                self._priors[k] = entries[k]
+                self._priors.move_to_end(k)
+        while len(self._priors) > self.prior_cache_size:
+            self._priors.popitem(last=False)
+        return [entries[k] for k in keys]
+
+    @torch.no_grad()
+    def _prior_decodes(self, entries: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """``(B, 1, S, S)`` unclipped decodes of the entries' priors, decoding each missing one once."""
+        missing = list({id(e): e for e in entries if "decoded" not in e}.values())
+        if missing:
+            decoded = self.decode(torch.stack([e["latent"] for e in missing]) * self.card.latent_scaling, clip=False)
+            for e, image in zip(missing, decoded):
+                e["decoded"] = image
+        return torch.stack([e["decoded"] for e in entries])
+
+    def clear_prior_cache(self) -> None:
+        """Forgets every cached prior latent and reconstruction (benchmarks time cold edits)."""
+        with self._lock:
+            self._priors.clear()
 
     def warm_up(self) -> None:
         """Runs one 2-step edit of a blank image, so the first user's edit meets warm kernels
@@ -663,13 +709,9 @@ class Engine:
         text, text_mask = self._embed(texts)
         null, null_mask = self._embed([""])
         t1 = time.perf_counter()
-        # Encode each distinct prior once (a journey repeats one prior for every rung).
-        distinct = {id(p): p for p in priors}
-        order = list(distinct)
-        latents_by_id = dict(zip(order, self.encode_prior(
-            torch.from_numpy(np.stack([distinct[k] for k in order]))[:, None]  # (P, 1, S, S)
-        )))
-        prior_latents = torch.stack([latents_by_id[id(p)] for p in priors])  # (B, C, h, w)
+        # Encode each distinct prior once (a journey repeats one prior for every rung; re-edits hit the cache).
+        entries = self._prior_entries(priors)
+        prior_latents = torch.stack([e["latent"] for e in entries])  # (B, C, h, w)
         condition = null_image_latents(prior_latents) if withhold_prior else prior_latents
         region: dict[str, torch.Tensor] = {}
         if allowed is not None:  # RadEdit: the unchanged output is the prior (a zero change)
@@ -699,7 +741,8 @@ class Engine:
         t3 = time.perf_counter()
         if self.card.instruct_target == "change":  # withheld or not, the change applies to the prior
             canvases = torch.from_numpy(np.stack(priors))[:, None]
-            images = self.decode_change(canvases, prior_latents, latents)[:, 0].cpu().numpy()
+            reconstructed = self._prior_decodes(entries)
+            images = self.decode_change(canvases, prior_latents, latents, reconstructed)[:, 0].cpu().numpy()
         else:
             images = self.decode(latents)[:, 0].cpu().numpy()  # .cpu() waits for the GPU
         if allowed is not None:  # outside the allowed region the output is the prior, exactly
@@ -766,7 +809,7 @@ class Engine:
             t0 = time.perf_counter()
             (src, tgt, null), masks = self._embed_each([request.source_prompt, request.target_prompt, ""])
             t1 = time.perf_counter()
-            x0 = self.encode_prior(torch.from_numpy(canvas)[None, None]) * self.card.latent_scaling
+            x0 = self._prior_entries([canvas])[0]["latent"][None] * self.card.latent_scaling
             scheduler = make_ddim(self.parts.scheduler_config)
             schedule = ddim_schedule(scheduler, request.steps)
             eps_fn = NoisePredictor(self.unet, scheduler.alphas_cumprod.to(self.device),

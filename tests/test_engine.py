@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -207,7 +208,35 @@ def test_change_model_journey_decodes_the_shared_prior_once(change_engine, monke
     decode = change_engine.decode
     monkeypatch.setattr(change_engine, "decode", lambda latents, **k: calls.append(len(latents)) or decode(latents, **k))
     requests = [EditRequest("new right pleural effusion", severity=s, seed=2, steps=2) for s in ("slight", "moderate", "large")]
+    change_engine.clear_prior_cache()
     rungs = change_engine.counterfactuals(_prior(64, 64), requests)
-    assert calls == [3 + 1]  # three edits and one prior reconstruction
+    assert sorted(calls) == [1, 3]  # one prior reconstruction and the three edits
     for request, rung in zip(requests, rungs):
         np.testing.assert_allclose(rung.image, change_engine.counterfactual(_prior(64, 64), request).image, atol=1e-5)
+
+
+def test_prior_cache_is_exact_and_skips_the_vae(change_engine, monkeypatch):
+    """A re-edit of the same image skips encoding the prior and decoding its reconstruction."""
+    prior = _prior(64, 64, seed=9)
+    request = EditRequest("new right pleural effusion", seed=5, steps=2)
+    change_engine.clear_prior_cache()
+    calls = {"encode": [], "decode": []}
+    encode, decode = change_engine.encode_prior, change_engine.decode
+    monkeypatch.setattr(change_engine, "encode_prior", lambda x: calls["encode"].append(len(x)) or encode(x))
+    monkeypatch.setattr(change_engine, "decode", lambda x, **k: calls["decode"].append(len(x)) or decode(x, **k))
+    first = change_engine.counterfactual(prior, request)
+    assert calls == {"encode": [1], "decode": [1, 1]}  # the prior's reconstruction, then the edit
+    again = change_engine.counterfactual(prior, replace(request, instruction="edema"))
+    assert calls == {"encode": [1], "decode": [1, 1, 1]}  # only the new edit was decoded
+    np.testing.assert_array_equal(change_engine.counterfactual(prior, request).image, first.image)
+    change_engine.prior_cache_size = 0  # off: the same pixels, the VAE runs every time
+    change_engine.clear_prior_cache()
+    try:
+        cold = change_engine.counterfactual(prior, request)
+    finally:
+        change_engine.prior_cache_size = engine.engine.PRIOR_CACHE_SIZE
+    assert calls["encode"] == [1, 1] and np.abs(cold.image - first.image).max() < 1e-6
+    assert np.abs(again.image - first.image).max() > 0  # another instruction, another image
+    other = _prior(64, 64, seed=10)  # another image is another entry
+    change_engine.counterfactuals([other, prior], [request, request])  # both new: encoded in one batch
+    assert calls["encode"] == [1, 1, 2] and len(change_engine._priors) == 2
