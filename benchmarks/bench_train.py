@@ -30,7 +30,7 @@ from train.config import TrainConfig  # noqa: E402
 from train.fit import EMA, Trainee, diffusion_loss, make_optimizer, trainable, vae_loss  # noqa: E402
 from train.models import LATENT_CHANNELS, UNET_ARCHS, fresh_unet, fresh_vae, noise_scheduler_config  # noqa: E402
 
-TEXT_TOKENS = {"sd15": 77, "mini": 128, "tiny": 32}
+TEXT_TOKENS = {"sd15": 77, "mini": 128, "small": 77, "tiny": 32}  # small: journey-mini (MiniLM, 77)
 
 
 def _peak_mb(device: torch.device) -> float:

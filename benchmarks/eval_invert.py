@@ -60,6 +60,32 @@ def _cases(n: int, size: int, seed: int):
         yield with_devices.image, truth.image, with_devices.device_mask, [d.kind for d in devices]
 
 
+def save_figure(path: Path, shown: list, rows: list[dict]) -> None:
+    """A grid: one row per case, columns input, truth and each system, titled with P(devices)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = list(shown[0][2])
+    fig, axes = plt.subplots(len(shown), len(columns), figsize=(2.2 * len(columns), 2.7 * len(shown) + 0.4), squeeze=False)
+    for r, (case, kinds, images) in enumerate(shown):
+        p = {row["system"]: row["p_devices_edit"] for row in rows if row["case"] == case}
+        p["input"] = next(row["p_devices_input"] for row in rows if row["case"] == case)
+        for c, name in enumerate(columns):
+            ax = axes[r, c]
+            ax.imshow(images[name], cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+            title = name.replace("invert/", "") + (f"\nP(dev) {p[name]:.2f}" if name in p else "\n")
+            ax.set_title(title, fontsize=7)
+        axes[r, 0].set_ylabel(", ".join(kinds), fontsize=7)
+    fig.suptitle("SYNTHETIC edits: removing support devices (simulated inputs; research use only)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder or hub id (default: the bundled journey-mini)")
@@ -84,6 +110,9 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="write per-case rows and the summary as JSON here")
+    parser.add_argument("--figure", default=None,
+                        help="also save a PNG of the first --figure-cases cases: input, truth and every system")
+    parser.add_argument("--figure-cases", type=int, default=4)
     args = parser.parse_args()
 
     import numpy as np
@@ -119,6 +148,7 @@ def main() -> int:
         return eng.decode(latents)[0, 0].cpu().numpy()
 
     rows = []
+    shown: list[tuple[int, list[str], dict[str, np.ndarray]]] = []  # cases kept for --figure
     for case, (image, truth, mask, kinds) in enumerate(_cases(args.images, eng.resolution, args.seed)):
         outside = ~mask.astype(bool)
         ceiling = vae_round_trip(truth)  # the best a latent model can return: the truth through the VAE
@@ -139,6 +169,10 @@ def main() -> int:
             seconds = time.perf_counter() - t0
             score = None if scorer is None else scorer.directional_similarity(
                 image, edited, args.source_prompt, args.target_prompt)
+            if args.figure and case < args.figure_cases:
+                if not shown or shown[-1][0] != case:
+                    shown.append((case, kinds, {"input": image, "device-free truth": truth}))
+                shown[-1][2][system] = edited
             rows.append({**base, "system": system, "seconds": round(seconds, 3), "p_devices_edit": p_devices(edited),
                          "psnr_truth": db(edited, truth), "psnr_truth_outside": db(edited, truth, outside),
                          "edit_score": score})
@@ -163,6 +197,8 @@ def main() -> int:
         print(f"{system:<32} {s['p_devices_input']:>7.3f}->{s['p_devices_edit']:<7.3f} {show(s['psnr_truth']):>11} "
               f"({show(s['psnr_input_truth'])}; {show(s['psnr_vae_truth'])}) {show(s['psnr_truth_outside']):>13} "
               f"({show(s['psnr_input_truth_outside'])}) {s['seconds']:>8.1f}")
+    if args.figure and shown:
+        save_figure(Path(args.figure), shown, rows)
     if args.out:
         record = {"model": eng.model_id, "model_hash": eng.model_hash, "classifier": args.classifier,
                   "edit_score": score_note,

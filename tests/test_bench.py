@@ -170,3 +170,29 @@ def test_text_cache_is_exact_and_skips_the_encoder(tiny_model: Path) -> None:
         eng._embed(["b", "a"])  # a different list is a different entry
         eng._embed(["c"])
     assert len(eng._texts) == 2 and (("a", "b"), "cpu", "torch.float32") not in eng._texts
+
+
+def test_performance_script_rewrites_only_its_table(tmp_path: Path) -> None:
+    """benchmarks/performance.py: each JSON kind becomes a table between its own markers."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("performance", Path(__file__).parents[1] / "benchmarks/performance.py")
+    performance = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(performance)
+    doc = tmp_path / "PERFORMANCE.md"
+    doc.write_text("intro\n<!-- table:cpu_train -->\nold\n<!-- /table:cpu_train -->\n"
+                   "<!-- table:cpu_inversions -->\nkeep me\n<!-- /table:cpu_inversions -->\n")
+    train = [{"stage": "instruct", "arch": "small", "params_m": 4.4, "resolution": 256, "batch": 8,
+              "ms_per_step": 900.0, "images_per_s": 8.9, "peak_memory_mb": 1500, "device": "Xeon", "threads": 2,
+              "dtype": "float32"}]
+    assert performance.rewrite(doc, "cpu_train", performance.table("train", train))
+    assert not performance.rewrite(doc, "cpu_missing", "x")
+    text = doc.read_text()
+    assert "| instruct | small | 4.4 | 256 | 8 | 900.0 | 8.9 | 1500 |" in text and "old" not in text
+    assert "keep me" in text and text.startswith("intro\n")
+    inversions = {"rows": [{"inversion": "null-text", "cached": False, "seconds_per_edit": 9.5, "invert_s": 8.0,
+                            "edit_s": 1.2}], "gpu": None, "cpu": "Xeon", "threads": 2, "dtype": "torch.float32",
+                  "resolution": 256, "steps": 50, "repeats": 1}
+    assert "| null-text | 9.50 | 8.00 | 1.20 | no |" in performance.table("inversions", inversions)
+    assert performance.out_flag(performance.SUITES["cpu"]["train"]) == "--json"
+    assert performance.out_flag(performance.SUITES["cpu"]["bundled"]) == "--out"
