@@ -586,6 +586,18 @@ class Engine:
                 e["decoded"] = image
         return torch.stack([e["decoded"] for e in entries])
 
+    def warm_prior(self, image: XRay | np.ndarray) -> None:
+        """Puts ``image`` in the prior cache (VAE encode, and a ``change`` model's prior decode).
+
+        The workstation calls it when an image is loaded, while the user is still writing the
+        instruction, so the first edit costs what a re-edit costs.
+        """
+        canvas, _ = self.prepare(image)
+        with self._lock:
+            entries = self._prior_entries([canvas])
+            if self.card.method == "instruct" and self.card.instruct_target == "change":
+                self._prior_decodes(entries)
+
     def clear_prior_cache(self) -> None:
         """Forgets every cached prior latent and reconstruction (benchmarks time cold edits)."""
         with self._lock:

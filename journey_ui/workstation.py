@@ -315,6 +315,7 @@ class Workstation:
         session.remember_upload(path)
         xray = read_xray(path)
         session.xray, session.result, session.compare = xray, None, []
+        self.eng.warm_prior(xray)  # the first edit then skips the VAE encode (and a change model's prior decode)
         return views.mark_acquired(xray.pixels), describe_read(xray), xray.meta.public_dict(), session
 
     @staticmethod

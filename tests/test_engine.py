@@ -281,3 +281,16 @@ def test_dropping_shared_padding_changes_nothing_but_rounding(tiny_engine):
             text_scale=7.5, image_scale=1.5, steps=4, generators=[torch.Generator().manual_seed(s) for s in (1, 2)],
             trim_padding=trim))
     assert (runs[0] - runs[1]).abs().max() < 1e-4
+
+
+def test_warm_prior_makes_the_first_edit_a_cache_hit(change_engine, monkeypatch):
+    prior = _prior(70, 50, seed=12)
+    change_engine.clear_prior_cache()
+    change_engine.warm_prior(prior)
+    calls = []
+    encode = change_engine.encode_prior
+    monkeypatch.setattr(change_engine, "encode_prior", lambda x: calls.append(len(x)) or encode(x))
+    warm = change_engine.counterfactual(prior, "edema", seed=1, steps=2)
+    assert calls == []  # encoded (and its reconstruction decoded) when it was loaded
+    change_engine.clear_prior_cache()
+    np.testing.assert_allclose(change_engine.counterfactual(prior, "edema", seed=1, steps=2).image, warm.image, atol=1e-6)
