@@ -438,11 +438,11 @@ class Engine:
             parts.text_projection.to(device=device, dtype=dtype) if parts.text_projection else None
         )
         self.text_encoder.to(device)
-        # The instruct sampler's UNet: replayed from CUDA graphs when asked (engine.graphs).
         if channels_last:  # NHWC convolutions: faster on CPUs and GPUs; pixels within ~2e-5 (tests)
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
+        # The instruct sampler's UNet: replayed from CUDA graphs when asked (engine.graphs).
         self.denoiser = GraphedUNet(self.unet) if cuda_graphs else self.unet
         self._lock = threading.Lock()
         self._inversions: OrderedDict[tuple, Any] = OrderedDict()
@@ -539,20 +539,19 @@ class Engine:
             prior_latents: ``(B, C, h, w)`` their unscaled VAE modes.
             change: ``(B, C, h, w)`` sampled changes in the scaled latent space.
             reconstructed: ``(B, 1, S, S)`` the priors' unclipped decodes ``D(p)`` when already
-                known (the engine's prior cache); decoded here otherwise.
+                known (the engine passes them from its prior cache, one decode per distinct
+                prior); decoded here, with the edits, otherwise.
 
         Returns:
             ``(B, 1, S, S)`` float32 images in [0, 1].
         """
         base = prior_latents * self.card.latent_scaling
-        if reconstructed is not None:
+        if reconstructed is None:
+            decoded = self.decode(torch.cat([base + change, base]), clip=False)
+            edited, reconstructed = decoded[: len(base)], decoded[len(base):]
+        else:
             edited = self.decode(base + change, clip=False)
-            return (priors.to(edited.device) + edited - reconstructed.to(edited.device)).clamp(0.0, 1.0)
-        # A journey repeats one prior for every rung: decode each distinct prior latent once.
-        distinct, which = torch.unique(base.flatten(1), dim=0, return_inverse=True)
-        decoded = self.decode(torch.cat([base + change, distinct.view(-1, *base.shape[1:])]), clip=False)
-        edited, reconstructed = decoded[: len(base)], decoded[len(base):][which]
-        return (priors.to(edited.device) + edited - reconstructed).clamp(0.0, 1.0)
+        return (priors.to(edited.device) + edited - reconstructed.to(edited.device)).clamp(0.0, 1.0)
 
     def _prior_entries(self, priors: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
         """Each prior canvas's cache entry, ``{"latent": (C, h, w)}`` (plus ``"decoded"`` once known).
@@ -568,8 +567,8 @@ class Engine:
         if new:
             latents = self.encode_prior(torch.from_numpy(np.stack(list(new.values())))[:, None])  # (P, C, h, w)
             entries.update({k: {"latent": latent} for k, latent in zip(new, latents)})
-        for k in keys:
-            if self.prior_cache_size > 0:
+        if self.prior_cache_size > 0:
+            for k in keys:
                 self._priors[k] = entries[k]
                 self._priors.move_to_end(k)
         while len(self._priors) > self.prior_cache_size:

@@ -247,7 +247,7 @@ def launched(monkeypatch):
         def launch(self, **kw):
             calls["launch"] = kw
 
-    monkeypatch.setattr(engine, "load", lambda model, device="auto": calls.setdefault("load", (model, device)))
+    monkeypatch.setattr(engine, "load", lambda model, device="auto", **options: calls.setdefault("load", (model, device)))
     monkeypatch.setattr(journey_ui, "build", lambda eng, concurrency=None: Demo())
     for var in ("CXR_HOST", "GRADIO_SERVER_NAME", "CXR_SHARE", "CXR_MODEL", "CXR_PORT", "GRADIO_SERVER_PORT"):
         monkeypatch.delenv(var, raising=False)
