@@ -272,7 +272,7 @@ def plain_invert_edit(eng: Any, canvas: Any, steps: int, guidance: float = TEXT_
     source, target = states[:1], states[1:]
     source_mask = mask[:1].to(eng.dtype) if not bool(mask.all()) else None
     edit_mask = mask[[0, 0, 0, 1]].to(eng.dtype) if not bool(mask.all()) else None
-    unet, vae, scaling = eng.unet, eng.vae, eng.card.latent_scaling
+    unet, vae, scaling = eng.unet, eng.vae, eng.card.latent_scaling * eng.card.change_factor
     extra = int(unet.config.in_channels) - int(unet.config.out_channels)
 
     def eps(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:

@@ -91,6 +91,11 @@ class ModelCard:
             BiomedJourney: the follow-up's latent) or ``"change"`` (the follow-up's latent minus
             the prior's; the engine adds the prior back and decodes the change as a change,
             so whatever the model leaves unchanged keeps the prior's exact pixels).
+        change_scaling: a ``change`` model's extra factor on the change (after
+            ``latent_scaling``): the UNet diffuses ``change_scaling * latent_scaling * (z - p)``.
+            A change is sparse and small (its std is about 1/12 of a latent's on journey-mini),
+            so without it the unit-variance noise swamps the change at all but the last steps.
+            1 for every other model.
         value_range: pixel range the VAE expects; images are mapped to it from [0, 1].
         intended_use: who may use it for what. Always says research use only.
         training_data: one entry per data set: ``{"name", "license", "attribution"}``.
@@ -107,6 +112,7 @@ class ModelCard:
     text_encoder: TextEncoderSpec
     latent_scaling: float = 0.18215
     instruct_target: str = "latent"
+    change_scaling: float = 1.0
     value_range: tuple[float, float] = (-1.0, 1.0)
     intended_use: str = RESEARCH_USE
     training_data: tuple[dict[str, str], ...] = ()
@@ -183,6 +189,14 @@ class ModelCard:
             raise ModelFolderError(
                 f"{where}: instruct_target must be one of {INSTRUCT_TARGETS}, not {self.instruct_target!r}"
             )
+        if not self.change_scaling > 0:
+            raise ModelFolderError(f"{where}: change_scaling must be positive")
+
+    @property
+    def change_factor(self) -> float:
+        """``change_scaling`` for a ``change`` instruct model, 1 otherwise: the factor between
+        ``latent_scaling``-scaled latents and what the UNet diffuses."""
+        return self.change_scaling if self.method == "instruct" and self.instruct_target == "change" else 1.0
 
 
 @dataclass

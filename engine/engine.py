@@ -537,7 +537,8 @@ class Engine:
         Args:
             priors: ``(B, 1, S, S)`` [0, 1] prior canvases.
             prior_latents: ``(B, C, h, w)`` their unscaled VAE modes.
-            change: ``(B, C, h, w)`` sampled changes in the scaled latent space.
+            change: ``(B, C, h, w)`` sampled changes as the UNet diffuses them (scaled latents
+                times the card's ``change_scaling``).
             reconstructed: ``(B, 1, S, S)`` the priors' unclipped decodes ``D(p)`` when already
                 known (the engine passes them from its prior cache, one decode per distinct
                 prior); decoded here, with the edits, otherwise.
@@ -546,6 +547,7 @@ class Engine:
             ``(B, 1, S, S)`` float32 images in [0, 1].
         """
         base = prior_latents * self.card.latent_scaling
+        change = change / self.card.change_factor
         if reconstructed is None:
             decoded = self.decode(torch.cat([base + change, base]), clip=False)
             edited, reconstructed = decoded[: len(base)], decoded[len(base):]
@@ -791,7 +793,8 @@ class Engine:
         An instruct model runs as a text-to-image model with the prior withheld (the UNet's
         image channels get the all-zero "no image" condition, as in guidance dropout), and the
         diffused variable is the image latent itself. For a ``change`` model that is the change
-        from the zero latent, which is the latent itself, so no prior is added back.
+        from the zero latent, which is the latent itself (times the card's ``change_scaling``,
+        the scale the model was trained on), so no prior is added back.
 
         Args:
             image: the input radiograph (:class:`~engine.io.XRay` or ``(H, W)`` float32 in [0, 1]).
@@ -824,7 +827,7 @@ class Engine:
             t0 = time.perf_counter()
             (src, tgt, null), masks = self._embed_each([request.source_prompt, request.target_prompt, ""])
             t1 = time.perf_counter()
-            x0 = self._prior_entries([canvas])[0]["latent"][None] * self.card.latent_scaling
+            x0 = self._prior_entries([canvas])[0]["latent"][None] * (self.card.latent_scaling * self.card.change_factor)
             scheduler = make_ddim(self.parts.scheduler_config)
             schedule = ddim_schedule(scheduler, request.steps)
             eps_fn = NoisePredictor(self.unet, scheduler.alphas_cumprod.to(self.device),
@@ -864,7 +867,7 @@ class Engine:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t4 = time.perf_counter()
-            images = self.decode(latents)[:, 0].float().cpu().numpy()
+            images = self.decode(latents / self.card.change_factor)[:, 0].float().cpu().numpy()
             t5 = time.perf_counter()
         if not np.isfinite(images).all():
             raise InputError("The model produced non-finite values (NaN/Inf); try --dtype fp32 or another model")

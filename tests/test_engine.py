@@ -203,6 +203,24 @@ def test_change_model_adds_the_decoded_change_to_the_prior(change_engine):
     assert np.abs(withheld.image - withheld.prior).mean() < 0.5  # the change still lands on the prior
 
 
+def test_change_scaling_divides_the_sampled_change(change_engine, monkeypatch):
+    from dataclasses import replace
+
+    from engine.checkpoint import ModelCard
+    from engine.errors import ModelFolderError
+
+    prior = torch.from_numpy(_prior(64, 64))[None, None]
+    latents = change_engine.encode_prior(prior)
+    change = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)) * 0.3
+    plain = change_engine.decode_change(prior, latents, change)
+    monkeypatch.setattr(change_engine, "card", replace(change_engine.card, change_scaling=5.0))
+    torch.testing.assert_close(change_engine.decode_change(prior, latents, 5.0 * change), plain, atol=1e-5, rtol=0)
+    assert change_engine.card.change_factor == 5.0
+    assert replace(change_engine.card, instruct_target="latent").change_factor == 1.0  # only a change model scales
+    with pytest.raises(ModelFolderError, match="change_scaling must be positive"):
+        ModelCard.from_dict({**change_engine.card.to_dict(), "change_scaling": 0})
+
+
 def test_change_model_journey_decodes_the_shared_prior_once(change_engine, monkeypatch):
     calls = []
     decode = change_engine.decode

@@ -317,6 +317,20 @@ def test_instruct_models_invert_with_the_prior_withheld(tmp_path, target):
     np.testing.assert_allclose(same.image, same.reconstruction, atol=1e-5)
 
 
+def test_change_scaling_round_trips_through_the_invert_path(tmp_path, monkeypatch):
+    """A change model diffuses latents times its change_scaling; the decode divides it back out,
+    so direct inversion (exact reconstruction) returns the VAE's round trip of the input."""
+    from conftest import build_tiny_model
+
+    eng = engine.load(build_tiny_model(tmp_path / "m", instruct_target="change"), device="cpu", dtype="fp32")
+    monkeypatch.setattr(eng, "card", replace(eng.card, change_scaling=3.0))
+    img = _image(64, seed=6)
+    out = eng.invert_edit(img, "support devices", "no support devices", inversion="direct", steps=4)
+    latents = eng.encode_prior(torch.from_numpy(img)[None, None]) * eng.card.latent_scaling
+    round_trip = eng.decode(latents)[0, 0].numpy()
+    np.testing.assert_allclose(out.reconstruction, round_trip, atol=1e-4)
+
+
 # -- requests, edit score, CLI -----------------------------------------------------------------------
 
 @pytest.mark.parametrize(

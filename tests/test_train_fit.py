@@ -102,21 +102,38 @@ def test_export_is_accepted_by_the_engine(tmp_path, sim_data, rg1_dicom, capsys)
 
 
 
-def test_change_target_trains_on_the_difference_and_reaches_the_card(tmp_path, sim_data):
+def test_change_target_trains_on_the_scaled_difference_and_reaches_the_card(tmp_path, sim_data, monkeypatch):
     import json
 
+    import train.fit as fit_module
     from train.export import export_run
 
-    cfg = _cfg(tmp_path, sim_data, "change", steps=30, log_every=10, ckpt_every=30, lr=2e-3, hflip=0.0,
-               drop_text=0.0, drop_image=0.0, drop_both=0.0, instruct_target="change")
+    targets: list[torch.Tensor] = []
+    plain_loss = fit_module.diffusion_loss
+
+    def recording_loss(trainee, scheduler, target_latents, *args, **kwargs):
+        targets.append(target_latents.detach().clone())
+        return plain_loss(trainee, scheduler, target_latents, *args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "diffusion_loss", recording_loss)
+    common = dict(log_every=10, ckpt_every=30, lr=2e-3, hflip=0.0, drop_text=0.0, drop_image=0.0, drop_both=0.0,
+                  instruct_target="change")
+    fit(_cfg(tmp_path, sim_data, "change1", steps=1, **common))
+    unscaled = targets[0]
+    targets.clear()
+    cfg = _cfg(tmp_path, sim_data, "change", steps=30, change_scaling=4.0, **common)
     fit(cfg)
+    torch.testing.assert_close(targets[0], 4.0 * unscaled)  # same batch, same seed: the change times 4
     with (Path(cfg.out_dir) / "log.csv").open() as fh:
         losses = [float(r["loss"]) for r in csv.DictReader(fh)]
     assert losses[-1] < losses[0], losses
     model = export_run(cfg.out_dir, tmp_path / "model")
-    assert json.loads((model / "card.json").read_text())["instruct_target"] == "change"
+    card = json.loads((model / "card.json").read_text())
+    assert card["instruct_target"] == "change" and card["change_scaling"] == 4.0
     with pytest.raises(InputError, match="instruct_target must be one of"):
         load_config(TINY, ["--instruct_target=pixels"])
+    with pytest.raises(InputError, match="change_scaling must be positive"):
+        load_config(TINY, ["--change_scaling=0"])
 
 
 @pytest.mark.slow

@@ -149,6 +149,7 @@ def export_run(
         text_encoder=spec,
         latent_scaling=models.latent_scaling,
         instruct_target=cfg.instruct_target if models.method == "instruct" else "latent",
+        change_scaling=cfg.change_scaling if models.method == "instruct" and cfg.instruct_target == "change" else 1.0,
         value_range=tuple(models.value_range),
         intended_use=RESEARCH_USE,
         training_data=training_data(cfg.manifest, cfg.stage, cfg.data_license),

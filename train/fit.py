@@ -820,7 +820,7 @@ def _stage_loss(cfg: TrainConfig, models: Models, model: torch.nn.Module, schedu
         else:
             prior = prior_params.chunk(2, dim=1)[0]  # the posterior mode, unscaled (InstructPix2Pix)
         if cfg.instruct_target == "change":  # the change from the prior, even when the prior is dropped
-            latents = latents - prior
+            latents = (latents - prior) * cfg.change_scaling
         prior = torch.where(drop_image[:, None, None, None].to(device), torch.zeros_like(prior), prior)
     return diffusion_loss(model, scheduler, latents * models.latent_scaling, prior, states, mask, gen)
 
