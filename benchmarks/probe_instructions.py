@@ -1,0 +1,78 @@
+"""A two-minute instruction-following probe for comparing checkpoints before a full evaluation.
+
+Six normal simulated priors (seed ``--seed``) each get six instructions ("new large left pleural
+effusion", ..., "new small left pleural effusion"); the bundled classifier scores the asked
+finding on the prior and on each counterfactual. Printed per instruction: the mean probability
+on the priors and on the counterfactuals and how many counterfactuals score above 0.5.
+``python -m train evaluate`` (510 pairs, about 24 min on 2 cores) stays the measure of record;
+this only says whether a checkpoint is worth evaluating::
+
+    python benchmarks/probe_instructions.py --model assets/models/journey-mini --out probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+INSTRUCTIONS = (
+    ("new large left pleural effusion", "Pleural Effusion"),
+    ("new large right pleural effusion", "Pleural Effusion"),
+    ("new severe cardiomegaly", "Cardiomegaly"),
+    ("new severe pulmonary edema", "Edema"),
+    ("new large right pneumothorax", "Pneumothorax"),
+    ("new small left pleural effusion", "Pleural Effusion"),
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    parser.add_argument("--classifier", default="auto")
+    parser.add_argument("--priors", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--text-guidance", type=float, default=7.5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None, help="JSON file to write")
+    args = parser.parse_args()
+
+    import numpy as np
+
+    import engine
+    from engine.analysis.classifier import load_classifier
+    from train.simulator import Findings, render, sample_nuisance, sample_patient
+
+    eng = engine.load(args.model, device=args.device)
+    clf = load_classifier(args.classifier)
+    rng = np.random.default_rng(args.seed)
+    priors = [render(sample_patient(rng), Findings(), sample_nuisance(rng), size=eng.resolution, noise_seed=i).image
+              for i in range(args.priors)]
+    t0, rows = time.perf_counter(), []
+    for text, finding in INSTRUCTIONS:
+        column = clf.index(finding)
+        before = [float(clf.predict(p[None, None])[0, column]) for p in priors]
+        after = [float(clf.predict(eng.counterfactual(p, text, steps=args.steps, seed=1000 + i,
+                                                      text_guidance=args.text_guidance).image[None, None])[0, column])
+                 for i, p in enumerate(priors)]
+        rows.append({"instruction": text, "finding": finding, "p_prior": float(np.mean(before)),
+                     "p_counterfactual": float(np.mean(after)), "positive": int(sum(p > 0.5 for p in after)),
+                     "cases": len(after)})
+        print(f"{text:36s} prior {rows[-1]['p_prior']:.2f}  counterfactual {rows[-1]['p_counterfactual']:.2f}  "
+              f"positive {rows[-1]['positive']}/{len(after)}", flush=True)
+    result = {"model": eng.model_id, "model_hash": eng.model_hash, "steps": args.steps, "seed": args.seed,
+              "text_guidance": args.text_guidance, "positive": sum(r["positive"] for r in rows),
+              "cases": sum(r["cases"] for r in rows), "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+    print(f"positive {result['positive']}/{result['cases']} in {result['seconds']} s")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
