@@ -486,7 +486,7 @@ def environment(device: Any, dtype: Any, argv: Sequence[str]) -> dict[str, Any]:
 
 def _comparable(eng: Any) -> str | None:
     """Why ours and the diffusers pipeline cannot give the same image on this model (None: they can)."""
-    if eng.card.instruct_target == "change":
+    if eng.card.diffuses_change:
         return "change model: ours adds the decoded change to the prior; the pipeline decodes the latent"
     if eng.text_encoder.backend != "clip":
         return (f"{eng.text_encoder.backend} encoder masks padding tokens in cross-attention; "

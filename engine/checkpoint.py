@@ -193,10 +193,15 @@ class ModelCard:
             raise ModelFolderError(f"{where}: change_scaling must be positive")
 
     @property
+    def diffuses_change(self) -> bool:
+        """An instruct model whose UNet diffuses the change from the prior (``instruct_target: change``)."""
+        return self.method == "instruct" and self.instruct_target == "change"
+
+    @property
     def change_factor(self) -> float:
         """``change_scaling`` for a ``change`` instruct model, 1 otherwise: the factor between
         ``latent_scaling``-scaled latents and what the UNet diffuses."""
-        return self.change_scaling if self.method == "instruct" and self.instruct_target == "change" else 1.0
+        return self.change_scaling if self.diffuses_change else 1.0
 
 
 @dataclass

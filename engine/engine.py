@@ -596,7 +596,7 @@ class Engine:
         canvas, _ = self.prepare(image)
         with self._lock:
             entries = self._prior_entries([canvas])
-            if self.card.method == "instruct" and self.card.instruct_target == "change":
+            if self.card.diffuses_change:
                 self._prior_decodes(entries)
 
     def clear_prior_cache(self) -> None:
@@ -735,7 +735,7 @@ class Engine:
             latent_hw = tuple(prior_latents.shape[-2:])
             region["allowed"] = torch.cat([latent_mask(a, latent_hw) for a in allowed])
             region["reference"] = (
-                torch.zeros_like(prior_latents) if self.card.instruct_target == "change"
+                torch.zeros_like(prior_latents) if self.card.diffuses_change
                 else prior_latents * self.card.latent_scaling
             )
         t2 = time.perf_counter()
@@ -756,7 +756,7 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # kernels run asynchronously: time them fully
         t3 = time.perf_counter()
-        if self.card.instruct_target == "change":  # withheld or not, the change applies to the prior
+        if self.card.diffuses_change:  # withheld or not, the change applies to the prior
             canvases = torch.from_numpy(np.stack(priors))[:, None]
             reconstructed = self._prior_decodes(entries)
             images = self.decode_change(canvases, prior_latents, latents, reconstructed)[:, 0].cpu().numpy()
