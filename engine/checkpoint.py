@@ -44,6 +44,8 @@ MAX_SHARD_SIZE = "14MB"  # tensor bytes; headers stay well under the 15 MB file 
 METHODS = ("instruct", "text2image")
 TEXT_BACKENDS = ("bert", "clip", "biomedclip")
 INSTRUCT_TARGETS = ("latent", "change")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+"""What a UNet may predict: both the instruct sampler and the inversion path take either."""
 RESEARCH_USE = "Research and demonstration only; not for diagnosis or any clinical decision."
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PRISM_SCHEDULER: dict[str, Any] = {
@@ -515,6 +517,10 @@ def load_model_parts(
         digest = content_hash(root, parts=PIPELINE_PARTS)
     else:
         digest = content_hash(root)
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise ModelFolderError(f"{root}/scheduler: prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
+                               f"not {prediction!r}")
     model_id = str(model)
     if unet is not None:
         unet_module, unet_digest = _load_unet_override(unet, unet_config, torch_dtype)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
+from engine.checkpoint import PREDICTION_TYPES
 from engine.errors import InputError, ModelFolderError
 from engine.guidance import cfg
 from engine.p2p import AttentionController, LocalBlend, controlled
@@ -57,19 +58,23 @@ def inversion_kind(inversion: str) -> str:
 class NoisePredictor:
     """A UNet as ``eps(x_t, t, states, mask)`` for text-to-image sampling.
 
-    Text-to-image UNets take the latent alone. Instruct UNets (``in_channels == 2 * C``) run as
-    text-to-image models with the prior withheld: the image condition is all zeros, the "no
-    image" condition of :func:`engine.instruct.null_image_latents`. A ``v_prediction`` UNet's
-    output is converted to a noise prediction.
+    Text-to-image UNets take the latent alone. Instruct UNets (``in_channels == 2 * C``) also
+    take an image condition: ``condition`` when given (a ``change`` model's prior, see
+    :meth:`engine.engine.Engine.invert_edit`), else all zeros, the "no image" condition of
+    :func:`engine.instruct.null_image_latents` (a text-to-image model with the prior withheld).
+    A ``v_prediction`` UNet's output is converted to a noise prediction.
 
     Args:
         unet: ``UNet2DConditionModel``.
         alphas_cumprod: the scheduler's ``alphas_cumprod`` (for ``v_prediction``).
         prediction_type: ``epsilon`` or ``v_prediction``.
+        condition: optional ``(1, C, h, w)`` image condition of an instruct UNet, shared by
+            every batch item.
     """
 
-    def __init__(self, unet: torch.nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon") -> None:
-        if prediction_type not in ("epsilon", "v_prediction"):
+    def __init__(self, unet: torch.nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
+                 condition: torch.Tensor | None = None) -> None:
+        if prediction_type not in PREDICTION_TYPES:
             raise ModelFolderError(
                 f"the inversion path needs an epsilon or v_prediction model, not {prediction_type!r}"
             )
@@ -77,12 +82,18 @@ class NoisePredictor:
         self.alphas_cumprod = alphas_cumprod
         self.prediction_type = prediction_type
         self.condition_channels = int(unet.config.in_channels) - int(unet.config.out_channels)
+        if condition is not None and (not self.condition_channels or condition.shape[1] != self.condition_channels):
+            raise ValueError(f"this UNet takes {self.condition_channels} condition channels, "
+                             f"not a {tuple(condition.shape)} condition")
+        self.condition = condition
 
     def __call__(self, x: torch.Tensor, t: int, states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``x``: ``(B, C, h, w)``; ``states``: ``(B, L, D)``; ``mask``: ``(B, L)`` bool or None."""
         model_in = x
         if self.condition_channels:
-            model_in = torch.cat([x, x.new_zeros(x.shape[0], self.condition_channels, *x.shape[2:])], dim=1)
+            condition = (x.new_zeros(x.shape[0], self.condition_channels, *x.shape[2:]) if self.condition is None
+                         else self.condition.to(x).expand(x.shape[0], -1, -1, -1))
+            model_in = torch.cat([x, condition], dim=1)
         attention_mask = None if mask is None or bool(mask.all()) else mask.to(x.dtype)
         out = self.unet(model_in, t, encoder_hidden_states=states, encoder_attention_mask=attention_mask).sample
         if self.prediction_type == "v_prediction":

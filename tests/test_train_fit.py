@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -134,6 +135,60 @@ def test_change_target_trains_on_the_scaled_difference_and_reaches_the_card(tmp_
         load_config(TINY, ["--instruct_target=pixels"])
     with pytest.raises(InputError, match="change_scaling must be positive"):
         load_config(TINY, ["--change_scaling=0"])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_diffusion_loss_targets_the_schedulers_parametrisation(prediction_type):
+    """The loss is zero for a UNet that returns exactly the noise (epsilon) or the velocity
+    ``sqrt(a) eps - sqrt(1 - a) x0`` (v_prediction), worked out from the noisy input it is given."""
+    from diffusers import DDPMScheduler
+
+    from train.fit import diffusion_loss
+    from train.models import noise_scheduler_config
+
+    scheduler = DDPMScheduler.from_config(noise_scheduler_config(prediction_type))
+    x0 = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * 3.0
+    a_bar = scheduler.alphas_cumprod
+
+    def oracle(model_in, t, states, mask):
+        a = a_bar[t].reshape(-1, 1, 1, 1)
+        eps = (model_in[:, :4] - a.sqrt() * x0) / (1 - a).sqrt()
+        return eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    states, mask = torch.zeros(6, 3, 8), torch.ones(6, 3, dtype=torch.bool)
+    loss = diffusion_loss(oracle, scheduler, x0, torch.zeros_like(x0), states, mask, torch.Generator().manual_seed(2))
+    assert float(loss) < 1e-8
+    wrong = "v_prediction" if prediction_type == "epsilon" else "epsilon"
+    other = DDPMScheduler.from_config(noise_scheduler_config(wrong))
+    assert float(diffusion_loss(oracle, other, x0, torch.zeros_like(x0), states, mask,
+                                torch.Generator().manual_seed(2))) > 0.1
+
+
+def test_v_prediction_run_exports_a_model_the_engine_samples_and_inverts(tmp_path, sim_data):
+    import json
+
+    import engine
+    from engine.errors import ModelFolderError
+    from train.export import export_run
+
+    cfg = _cfg(tmp_path, sim_data, "vpred", steps=2, ckpt_every=2, instruct_target="change", change_scaling=20.0,
+               prediction_type="v_prediction")
+    fit(cfg)
+    model = export_run(cfg.out_dir, tmp_path / "model")
+    schedule = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    assert schedule["prediction_type"] == "v_prediction"
+    eng = engine.load(model, device="cpu", dtype="fp32")
+    prior = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    edit = eng.counterfactual(prior, "new right pleural effusion", steps=2, seed=0)
+    assert edit.image.shape == prior.shape and np.isfinite(edit.image).all()
+    inverted = eng.invert_edit(prior, "chest x-ray", "chest x-ray with effusion", inversion="direct", steps=2)
+    assert np.isfinite(inverted.image).all()
+    with pytest.raises(InputError, match="prediction_type must be one of"):
+        load_config(TINY, ["--prediction_type=sample"])
+    schedule["prediction_type"] = "sample"
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(schedule))
+    with pytest.raises(ModelFolderError, match="prediction_type must be one of"):
+        engine.load(model, device="cpu")
 
 
 @pytest.mark.slow

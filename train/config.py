@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from engine.checkpoint import INSTRUCT_TARGETS
+from engine.checkpoint import INSTRUCT_TARGETS, PREDICTION_TYPES
 from engine.errors import InputError
 from engine.text import MINILM_SOURCE
 
@@ -81,7 +81,13 @@ class TrainConfig:
         change_scaling: ``change`` target only: extra factor on the change (written into the
             card). A change is zero almost everywhere and small where it is not, so at the
             latents' scale the noise swamps it until the last steps; scale its busy values to
-            about 1 (journey-mini: 99th percentile of ``|change|`` 0.21, so 5).
+            about unit variance (journey-mini: std 0.18, so 5).
+        prediction_type: what the UNet predicts, ``epsilon`` (the noise, Stable Diffusion 1.5)
+            or ``v_prediction`` (``sqrt(a) eps - sqrt(1 - a) x0``, Salimans & Ho): at high noise
+            v is the target itself, so the loss keeps teaching *what* to generate where
+            epsilon-prediction only learns to echo its input. Written into the exported
+            scheduler config, which the engine samples and inverts with. None: the
+            ``init_from`` model's (epsilon for fresh networks).
         seed: seeds data order, augmentation, noise and initial weights.
         log_every: steps between log rows.
         ckpt_every: steps between checkpoints (and one at the end).
@@ -136,6 +142,7 @@ class TrainConfig:
     latent_sample: bool = True
     instruct_target: str = "latent"
     change_scaling: float = 1.0
+    prediction_type: str | None = None
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 500
@@ -162,6 +169,8 @@ class TrainConfig:
         need(self.instruct_target in INSTRUCT_TARGETS,
              f"instruct_target must be one of {', '.join(INSTRUCT_TARGETS)}, not {self.instruct_target!r}")
         need(self.change_scaling > 0, "change_scaling must be positive")
+        need(self.prediction_type in (None, *PREDICTION_TYPES),
+             f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, not {self.prediction_type!r}")
         need(self.stage2_target in STAGE2_TARGETS, f"stage2_target must be one of {', '.join(STAGE2_TARGETS)}")
         need(self.mixed_precision in PRECISIONS, f"mixed_precision must be one of {', '.join(PRECISIONS)}")
         need(bool(self.manifest), "manifest is required (images.jsonl, or pairs.jsonl for stage2)")

@@ -62,10 +62,10 @@ LATENT_CHANNELS = 4
 SD_SCALING = 0.18215
 
 
-def noise_scheduler_config() -> dict[str, Any]:
+def noise_scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:
     """Stable Diffusion's training schedule, as a DDIM scheduler config the engine samples with."""
     return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+                clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
 
 
 def fresh_unet(arch: str, *, in_channels: int, resolution: int, latent_factor: int):
@@ -223,8 +223,10 @@ def build_models(cfg: TrainConfig) -> Models:
             factor = 2 ** (len(vae.config.block_out_channels) - 1)
             unet = fresh_unet(cfg.arch, in_channels=in_channels, resolution=cfg.resolution, latent_factor=factor)
             spec = TextEncoderSpec(cfg.text_backend, cfg.text_source, cfg.max_tokens)
-            projection, scheduler = None, noise_scheduler_config()
+            projection, scheduler = None, noise_scheduler_config(cfg.prediction_type or "epsilon")
             scaling, value_range, encoder_folder = float(vae.config.scaling_factor), (-1.0, 1.0), None
+        if cfg.prediction_type is not None:  # an init model fine-tuned to another parametrisation
+            scheduler = {**scheduler, "prediction_type": cfg.prediction_type}
         encoder = load_text_encoder(spec, Path(cfg.init_from) if cfg.init_from else None)
         cross = int(unet.config.cross_attention_dim)
         if projection is None and encoder.width != cross:
