@@ -790,11 +790,15 @@ class Engine:
         settings, so further edits of the same image skip it), then the source and target
         branches are denoised side by side under prompt-to-prompt control.
 
-        An instruct model runs as a text-to-image model with the prior withheld (the UNet's
-        image channels get the all-zero "no image" condition, as in guidance dropout), and the
-        diffused variable is the image latent itself. For a ``change`` model that is the change
-        from the zero latent, which is the latent itself (times the card's ``change_scaling``,
-        the scale the model was trained on), so no prior is added back.
+        An instruct model that diffuses the image latent runs as a text-to-image model with the
+        prior withheld (the UNet's image channels get the all-zero "no image" condition, as in
+        guidance dropout). A ``change`` model diffuses the change from its prior, so it runs on
+        the variable it was trained on: the input is its own prior, the inverted latent is "no
+        change" (zeros), the target branch regenerates the change the target caption asks for,
+        and the images are the input plus the decoded change (:meth:`decode_change`). The
+        reconstruction is then the input itself, and pixels the edit leaves alone keep their
+        values. (Withholding the prior instead would make the whole image a "change from
+        nothing", far outside what such a model saw in training.)
 
         Args:
             image: the input radiograph (:class:`~engine.io.XRay` or ``(H, W)`` float32 in [0, 1]).
@@ -827,11 +831,16 @@ class Engine:
             t0 = time.perf_counter()
             (src, tgt, null), masks = self._embed_each([request.source_prompt, request.target_prompt, ""])
             t1 = time.perf_counter()
-            x0 = self._prior_entries([canvas])[0]["latent"][None] * (self.card.latent_scaling * self.card.change_factor)
+            entry = self._prior_entries([canvas])[0]
+            if self.card.diffuses_change:  # invert "no change" from the input, the input as the prior
+                condition = entry["latent"][None]
+                x0 = torch.zeros_like(condition)
+            else:  # a text-to-image model, or an instruct model with the prior withheld
+                condition, x0 = None, entry["latent"][None] * self.card.latent_scaling
             scheduler = make_ddim(self.parts.scheduler_config)
             schedule = ddim_schedule(scheduler, request.steps)
             eps_fn = NoisePredictor(self.unet, scheduler.alphas_cumprod.to(self.device),
-                                    str(scheduler.config.get("prediction_type", "epsilon")))
+                                    str(scheduler.config.get("prediction_type", "epsilon")), condition)
             t2 = time.perf_counter()
             key = self._inversion_key(canvas, request)
             inversion = self._inversions.get(key)
@@ -867,7 +876,13 @@ class Engine:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t4 = time.perf_counter()
-            images = self.decode(latents / self.card.change_factor)[:, 0].float().cpu().numpy()
+            if self.card.diffuses_change:  # the input plus the decoded change, as in decode_change
+                canvases = torch.from_numpy(np.stack([canvas, canvas]))[:, None]
+                images = self.decode_change(canvases, torch.cat([condition] * 2), latents,
+                                            self._prior_decodes([entry, entry]))
+            else:
+                images = self.decode(latents)
+            images = images[:, 0].float().cpu().numpy()
             t5 = time.perf_counter()
         if not np.isfinite(images).all():
             raise InputError("The model produced non-finite values (NaN/Inf); try --dtype fp32 or another model")

@@ -305,7 +305,7 @@ def test_region_masks_from_structures_and_attention():
 # -- instruct models as text-to-image models -------------------------------------------------------------
 
 @pytest.mark.parametrize("target", ["latent", "change"])
-def test_instruct_models_invert_with_the_prior_withheld(tmp_path, target):
+def test_instruct_models_run_the_invert_path(tmp_path, target):
     from conftest import build_tiny_model
 
     eng = engine.load(build_tiny_model(tmp_path / "m", instruct_target=target), device="cpu", dtype="fp32")
@@ -317,18 +317,42 @@ def test_instruct_models_invert_with_the_prior_withheld(tmp_path, target):
     np.testing.assert_allclose(same.image, same.reconstruction, atol=1e-5)
 
 
-def test_change_scaling_round_trips_through_the_invert_path(tmp_path, monkeypatch):
-    """A change model diffuses latents times its change_scaling; the decode divides it back out,
-    so direct inversion (exact reconstruction) returns the VAE's round trip of the input."""
+def test_latent_instruct_model_inverts_with_the_prior_withheld(tiny_engine, monkeypatch):
+    seen = _record_condition(tiny_engine, monkeypatch)
+    tiny_engine.invert_edit(_image(64, seed=7), "support devices", "no support devices", inversion="direct", steps=3)
+    assert seen and all(float(c.abs().max()) == 0.0 for c in seen)  # the "no image" condition
+
+
+def test_change_model_inverts_no_change_with_the_input_as_its_prior(tmp_path, monkeypatch):
+    """A change model runs on the variable it was trained on: the input is its prior, the inverted
+    latent is the zero change, and the images are the input plus the decoded change, so the
+    reconstruction is the input's own pixels (not the VAE's round trip), whatever change_scaling."""
     from conftest import build_tiny_model
 
     eng = engine.load(build_tiny_model(tmp_path / "m", instruct_target="change"), device="cpu", dtype="fp32")
     monkeypatch.setattr(eng, "card", replace(eng.card, change_scaling=3.0))
     img = _image(64, seed=6)
+    seen = _record_condition(eng, monkeypatch)
     out = eng.invert_edit(img, "support devices", "no support devices", inversion="direct", steps=4)
-    latents = eng.encode_prior(torch.from_numpy(img)[None, None]) * eng.card.latent_scaling
-    round_trip = eng.decode(latents)[0, 0].numpy()
-    np.testing.assert_allclose(out.reconstruction, round_trip, atol=1e-4)
+    np.testing.assert_allclose(out.reconstruction, img, atol=1e-5)
+    prior_latent = eng.encode_prior(torch.from_numpy(img)[None, None])
+    assert seen and all(torch.allclose(c, prior_latent.expand_as(c), atol=1e-5) for c in seen)
+    round_trip = eng.decode(prior_latent * eng.card.latent_scaling)[0, 0].numpy()
+    assert np.abs(round_trip - img).max() > 1e-3  # the VAE alone would not have given the input back
+
+
+def _record_condition(eng, monkeypatch) -> list[torch.Tensor]:
+    """Records the image-condition channels of every UNet call the engine makes."""
+    seen: list[torch.Tensor] = []
+    forward = eng.unet.forward
+    latent_channels = int(eng.unet.config.out_channels)
+
+    def recording(sample, *args, **kwargs):
+        seen.append(sample[:, latent_channels:].detach().clone())
+        return forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(eng.unet, "forward", recording)
+    return seen
 
 
 # -- requests, edit score, CLI -----------------------------------------------------------------------
