@@ -40,6 +40,10 @@ def main() -> int:
     parser.add_argument("--text-guidance", type=float, default=7.5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="JSON file to write")
+    parser.add_argument("--figure", default=None,
+                        help="PNG contact sheet: one row per prior (the first --figure-priors), the prior then "
+                             "each instruction's counterfactual")
+    parser.add_argument("--figure-priors", type=int, default=3)
     args = parser.parse_args()
 
     import numpy as np
@@ -53,16 +57,17 @@ def main() -> int:
     rng = np.random.default_rng(args.seed)
     priors = [render(sample_patient(rng), Findings(), sample_nuisance(rng), size=eng.resolution, noise_seed=i).image
               for i in range(args.priors)]
-    t0, rows = time.perf_counter(), []
+    t0, rows, sheet = time.perf_counter(), [], []
     for text, finding in INSTRUCTIONS:
         column = clf.index(finding)
         before = [float(clf.predict(p[None, None])[0, column]) for p in priors]
-        after = [float(clf.predict(eng.counterfactual(p, text, steps=args.steps, seed=1000 + i,
-                                                      text_guidance=args.text_guidance).image[None, None])[0, column])
-                 for i, p in enumerate(priors)]
+        images = [eng.counterfactual(p, text, steps=args.steps, seed=1000 + i, text_guidance=args.text_guidance).image
+                  for i, p in enumerate(priors)]
+        after = [float(clf.predict(img[None, None])[0, column]) for img in images]
+        sheet.append(images[:args.figure_priors])
         rows.append({"instruction": text, "finding": finding, "p_prior": float(np.mean(before)),
                      "p_counterfactual": float(np.mean(after)), "positive": int(sum(p > 0.5 for p in after)),
-                     "cases": len(after)})
+                     "cases": len(after), "p_each": after})
         print(f"{text:36s} prior {rows[-1]['p_prior']:.2f}  counterfactual {rows[-1]['p_counterfactual']:.2f}  "
               f"positive {rows[-1]['positive']}/{len(after)}", flush=True)
     result = {"model": eng.model_id, "model_hash": eng.model_hash, "steps": args.steps, "seed": args.seed,
@@ -71,7 +76,32 @@ def main() -> int:
     print(f"positive {result['positive']}/{result['cases']} in {result['seconds']} s")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.figure:
+        _contact_sheet(args.figure, priors[:args.figure_priors], sheet, [r for r in rows])
     return 0
+
+
+def _contact_sheet(path: str, priors, columns, rows) -> None:
+    """Priors down the left, one column per instruction, each tile titled with its probability."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(priors), len(columns) + 1, figsize=(2.0 * (len(columns) + 1), 2.15 * len(priors)),
+                             squeeze=False)
+    for r, prior in enumerate(priors):
+        axes[r, 0].imshow(prior, cmap="gray", vmin=0, vmax=1)
+        axes[r, 0].set_title("prior", fontsize=7)
+        for c, (images, row) in enumerate(zip(columns, rows)):
+            axes[r, c + 1].imshow(images[r], cmap="gray", vmin=0, vmax=1)
+            title = row["instruction"].replace("new ", "").replace("pleural ", "")
+            axes[r, c + 1].set_title(f"{title}\np={row['p_each'][r]:.2f}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    fig.suptitle("SYNTHETIC counterfactuals (research use only)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
