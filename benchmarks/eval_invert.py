@@ -21,8 +21,9 @@ Systems: ``instruct`` ("without support devices", dual guidance) and ``invert`` 
 words re-weighted by ``--word-weight``, optionally confined by ``--local-blend``), returning the
 decoded edit as PRISM does (the engine's default); with ``--residual`` also
 ``invert/<inversion>/residual``, the input plus the edit's difference from the reconstruction
-(the same inversion from the cache, so its seconds exclude the inversion). Instruct models run the invert method as text-to-image
-models with the prior withheld (see ``Engine.invert_edit``).
+(the same inversion from the cache, so its seconds exclude the inversion). A ``change`` instruct
+model (the bundled one) inverts "no change" with the input as its prior; other instruct models run
+as text-to-image models with the prior withheld (see ``Engine.invert_edit``).
 """
 
 from __future__ import annotations
