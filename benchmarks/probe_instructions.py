@@ -3,7 +3,9 @@
 Six normal simulated priors (seed ``--seed``) each get six instructions ("new large left pleural
 effusion", ..., "new small left pleural effusion"); the bundled classifier scores the asked
 finding on the prior and on each counterfactual. Printed per instruction: the mean probability
-on the priors and on the counterfactuals and how many counterfactuals score above 0.5.
+on the priors and on the counterfactuals, how many counterfactuals score above 0.5, and for a
+one-sided instruction the share of the change on the asked side (the classifier cannot tell a
+left effusion from a right one).
 ``python -m train evaluate`` (510 pairs, about 24 min on 2 cores) stays the measure of record;
 this only says whether a checkpoint is worth evaluating::
 
@@ -65,11 +67,15 @@ def main() -> int:
                   for i, p in enumerate(priors)]
         after = [float(clf.predict(img[None, None])[0, column]) for img in images]
         sheet.append(images[:args.figure_priors])
+        side = asked_side(text)
+        shares = [side_share(img, p, side) for img, p in zip(images, priors)] if side else []
         rows.append({"instruction": text, "finding": finding, "p_prior": float(np.mean(before)),
                      "p_counterfactual": float(np.mean(after)), "positive": int(sum(p > 0.5 for p in after)),
-                     "cases": len(after), "p_each": after})
+                     "cases": len(after), "p_each": after,
+                     "asked_side_share": float(np.mean(shares)) if shares else None})
         print(f"{text:36s} prior {rows[-1]['p_prior']:.2f}  counterfactual {rows[-1]['p_counterfactual']:.2f}  "
-              f"positive {rows[-1]['positive']}/{len(after)}", flush=True)
+              f"positive {rows[-1]['positive']}/{len(after)}"
+              + (f"  change on the asked side {np.mean(shares):.0%}" if shares else ""), flush=True)
     result = {"model": eng.model_id, "model_hash": eng.model_hash, "steps": args.steps, "seed": args.seed,
               "text_guidance": args.text_guidance, "positive": sum(r["positive"] for r in rows),
               "cases": sum(r["cases"] for r in rows), "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
@@ -79,6 +85,27 @@ def main() -> int:
     if args.figure:
         _contact_sheet(args.figure, priors[:args.figure_priors], sheet, [r for r in rows])
     return 0
+
+
+def asked_side(text: str) -> str | None:
+    """``left`` or ``right`` when the instruction names one side, else None."""
+    words = set(text.lower().split())
+    sides = [s for s in ("left", "right") if s in words]
+    return sides[0] if len(sides) == 1 else None
+
+
+def side_share(image, prior, side: str) -> float:
+    """Share of the edit's total ``|image - prior|`` on the patient's ``side``.
+
+    Radiographs are displayed as if facing the patient: the patient's right is the image's left
+    half (the simulator draws a right effusion there too).
+    """
+    import numpy as np
+
+    change = np.abs(image - prior)
+    half = change.shape[1] // 2
+    on_side = change[:, half:] if side == "left" else change[:, :half]
+    return float(on_side.sum() / max(float(change.sum()), 1e-12))
 
 
 def _contact_sheet(path: str, priors, columns, rows) -> None:
