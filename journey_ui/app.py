@@ -276,9 +276,9 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                                                          value=EXAMPLE_INSTRUCTIONS[0][0])
                         with gr.Group(visible=not ws.instruct_capable) as invert_box:
                             source = gr.Textbox(label="Source caption (describes the input)",
-                                                value="chest x-ray with support devices")
+                                                value=ws.invert_captions[0])
                             target = gr.Textbox(label="Target caption (the wanted image)",
-                                                value="chest x-ray without support devices")
+                                                value=ws.invert_captions[1])
                             with gr.Row():
                                 inversion = gr.Dropdown(list(INVERSIONS), value=INVERSIONS[0], label="Inversion",
                                                         info="negative-prompt and direct are fast; null-text is PRISM's (slow on a CPU)")

@@ -287,6 +287,18 @@ class Workstation:
         return self.eng.card.method == "instruct"
 
     @property
+    def invert_captions(self) -> tuple[str, str]:
+        """The invert method's starting (source, target) captions for the loaded model.
+
+        Text-to-image models (PRISM) caption images. A ``change`` model reads captions as
+        changes from the input, so it starts from "no change" to the removal: PRISM's image
+        captions made the bundled model paint large unrelated opacities (docs/MODEL_CARD.md).
+        """
+        if self.eng.card.diffuses_change:
+            return "unchanged support devices", "without support devices"
+        return "chest x-ray with support devices", "chest x-ray without support devices"
+
+    @property
     def findings(self) -> list[str]:
         """Findings the classifier reports (for the attention selector)."""
         return list(self.analyst.findings) if self.analyst is not None else []

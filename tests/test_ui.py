@@ -152,6 +152,17 @@ def test_invert_edit_runs_on_the_instruct_model(ws, session):
     assert result.provenance["request"]["word_weight"] == 2.0
 
 
+def test_invert_captions_fit_the_model(ws, tmp_path, analyst):
+    """Image captions (PRISM) for a latent model; "no change" -> removal for a change model,
+    which reads captions as changes from the input."""
+    import engine
+    from conftest import build_tiny_model
+
+    assert ws.invert_captions == ("chest x-ray with support devices", "chest x-ray without support devices")
+    change = engine.load(build_tiny_model(tmp_path / "change", instruct_target="change"), device="cpu", dtype="fp32")
+    assert Workstation(change, analyst).invert_captions == ("unchanged support devices", "without support devices")
+
+
 def test_compare_runs_both_methods_and_the_identity_baseline(ws, session):
     results = ws.compare(session, *edit_args()[1:])
     assert [r.method for r in results] == ["instruct", "invert", "identity"]
