@@ -83,7 +83,7 @@ def main() -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     if args.figure:
-        _contact_sheet(args.figure, priors[:args.figure_priors], sheet, [r for r in rows])
+        _contact_sheet(args.figure, priors[:args.figure_priors], sheet, rows)
     return 0
 
 

@@ -546,7 +546,8 @@ def dropout_masks(batch: int, cfg: TrainConfig, generator: torch.Generator) -> t
 
 def diffusion_loss(trainee: torch.nn.Module, scheduler, target_latents: torch.Tensor, prior_latents: torch.Tensor | None,
                    states: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Epsilon-prediction MSE at a uniformly drawn timestep.
+    """Diffusion MSE at a uniformly drawn timestep, against the scheduler's ``prediction_type``
+    (the noise for ``epsilon``, ``sqrt(a) eps - sqrt(1 - a) z`` for ``v_prediction``).
 
     Args:
         target_latents: ``(B, C, h, w)`` scaled latents ``z``.
