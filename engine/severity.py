@@ -44,9 +44,9 @@ _EXISTING = (
 # Laterality and location words that sit between the severity word and the finding.
 _LATERALITY = (
     r"(?:right|left|bilateral|right-sided|left-sided)"
-    r"(?:\s+(?:upper|middle|lower|basilar|basal|apical|perihilar))?"
+    r"(?:\s+(?:upper|middle|lower|mid-lung|basilar|basal|apical|perihilar))?"
     r"(?:\s+(?:lobe|lung|zone|base|apex))?"
-    r"|basilar|basal|perihilar"
+    r"|bibasilar|bibasal|basilar|basal|perihilar|lingular"
 )
 _NEGATION = re.compile(
     r"\b(?:no|without|not|resolved|resolution of|free of|absence of)"

@@ -16,6 +16,10 @@ from engine.severity import apply_severity
         ("Large Right Pleural Effusion", "slight", "small Right Pleural Effusion"),
         ("new left lower lobe consolidation", "moderate", "new moderate left lower lobe consolidation"),
         ("bilateral effusions and cardiomegaly", "large", "large bilateral effusions and severe cardiomegaly"),
+        # the simulator's location words: replaced before them, never doubled after them
+        ("new moderate bibasilar atelectasis", "large", "new severe bibasilar atelectasis"),
+        ("new mild lingular consolidation", "moderate", "new moderate lingular consolidation"),
+        ("new bilateral mid-lung consolidation", "slight", "new mild bilateral mid-lung consolidation"),
     ],
 )
 def test_rewrites_findings(text, severity, expected):

@@ -459,3 +459,81 @@ def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "error" in err
+
+
+# --------------------------------------------------------------------------------------------
+# Single-edit pairs (simulate --edits)
+
+
+def test_severity_edits_differ_only_in_grade_and_use_the_workstations_words():
+    from engine.severity import apply_severity
+    from train.simulator.edits import GRADE_VALUES, sample_edits
+
+    rng, text_rng = np.random.default_rng(0), np.random.default_rng(1)
+    sides, user_style = [], 0
+    for _ in range(60):
+        prior, edits = sample_edits(sample_patient(rng), rng, text_rng, kind="severity")
+        assert [e.kind for e in edits] == ["severity"] * 3
+        added = [{n: s for n, s in e.target.findings.present().items() if n not in prior.findings.present()}
+                 for e in edits]
+        assert all(len(a) == 1 for a in added)
+        (name,) = {next(iter(a)) for a in added}
+        sevs = [a[name] for a in added]
+        assert len({(s.side, s.seed, s.zone) for s in sevs}) == 1  # the same lesion, three sizes
+        assert [severity_grade(s.value) for s in sevs] == list(GRADE_VALUES)
+        for edit, grade in zip(edits, GRADE_VALUES):
+            assert edit.target.nuisance == prior.nuisance and edit.target.noise_seed == prior.noise_seed
+            assert edit.target.devices == prior.devices
+            if edit.description.startswith("new "):  # the user's form: what the severity rule writes
+                user_style += 1
+                assert apply_severity(edit.description, grade) == edit.description
+        if sevs[0].side in ("left", "right"):
+            sides.append(sevs[0].side)
+            assert all(sevs[0].side in e.description.lower() or "lingul" in e.description for e in edits)
+    assert user_style > 60
+    assert 0.35 < sides.count("left") / len(sides) < 0.65  # left and right taught equally
+
+
+def test_device_progress_and_no_change_edits():
+    from train.simulator.edits import EDIT_KINDS, sample_edits
+
+    rng, text_rng = np.random.default_rng(2), np.random.default_rng(3)
+    for _ in range(10):
+        prior, (edit,) = sample_edits(sample_patient(rng), rng, text_rng, kind="devices")
+        assert prior.devices and edit.target.devices == () and edit.target.findings == prior.findings
+        prior, (edit,) = sample_edits(sample_patient(rng), rng, text_rng, kind="progress")
+        changed = [n for n in prior.findings.present() if getattr(edit.target.findings, n) != getattr(prior.findings, n)]
+        assert len(changed) == 1
+        after = getattr(edit.target.findings, changed[0])
+        before = getattr(prior.findings, changed[0])
+        assert after is None or severity_grade(after.value) != severity_grade(before.value)
+        prior, (edit,) = sample_edits(sample_patient(rng), rng, text_rng, kind="none")
+        assert edit.target == prior
+    with pytest.raises(ValueError, match="kind must be one of"):
+        sample_edits(sample_patient(rng), rng, text_rng, kind="swap")
+    assert len(EDIT_KINDS) == 4
+
+
+def test_writer_edits_mode(tmp_path):
+    from train.__main__ import main
+
+    out = tmp_path / "edits"
+    assert main(["simulate", "--out", str(out), "--patients", "8", "--size", str(S), "--seed", "4",
+                 "--edits", "--quiet"]) == 0
+    pairs = read_pairs(out / "pairs.jsonl")
+    images = {r.image_id: r for r in read_images(out / "images.jsonl")}
+    assert len(images) == 8 + len(pairs) and len(pairs) >= 8
+    assert {p.extra["edit"] for p in pairs} <= {"severity", "progress", "devices", "none"}
+    assert json.loads((out / "simulation.json").read_text())["settings"]["edits"] is True
+    for p in pairs:
+        prior, cf = read_png(out / p.prior_path), read_png(out / p.counterfactual_path)
+        # the edit's target image is the exact counterfactual, and only the edit region differs
+        assert np.array_equal(read_png(out / p.followup_path), cf)
+        region = read_png(out / p.extra["change_mask_path"]) > 0.5
+        assert np.array_equal(prior[~region], cf[~region])
+        assert images[p.prior_id].order == 0 and images[p.followup_id].patient_id == p.patient_id
+        if p.extra["edit"] == "none":
+            assert np.array_equal(prior, cf)
+    # journeys written before edits existed keep their settings file
+    write_dataset(SimulationConfig(out=str(tmp_path / "j"), patients=1, visits=2, size=S, seed=4))
+    assert "edits" not in json.loads((tmp_path / "j" / "simulation.json").read_text())["settings"]

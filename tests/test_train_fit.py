@@ -51,6 +51,25 @@ def test_config_overrides_are_typed(tmp_path):
         assert paper.lr == 1e-4 and paper.resolution == 256
 
 
+def test_extra_manifests_mix_items_from_their_own_folders(tmp_path, sim_data):
+    from train.data import load_config_items, load_items
+    from train.simulator.writer import SimulationConfig, write_dataset
+
+    edits = tmp_path / "elsewhere" / "edits"
+    write_dataset(SimulationConfig(out=str(edits), patients=3, visits=1, size=128, seed=9, edits=True))
+    journeys = load_items(sim_data / "pairs.jsonl", "stage2", ("train", "validate", "test"), "counterfactual")
+    cfg = _cfg(tmp_path, sim_data, "mixed", extra_manifests=[str(edits / "pairs.jsonl")],
+               splits=["train", "validate", "test"], stage2_target="counterfactual")
+    assert cfg.manifests == (str(sim_data / "pairs.jsonl"), str(edits / "pairs.jsonl"))
+    assert cfg.to_dict()["extra_manifests"] == [str(edits / "pairs.jsonl")]
+    items = load_config_items(cfg)
+    assert items[:len(journeys)] == journeys and len(items) > len(journeys)
+    assert all(Path(p).is_file() for item in items for p in (item.image, item.prior))
+    assert {Path(item.image).parent.parent for item in items[len(journeys):]} == {edits.resolve()}
+    with pytest.raises(InputError, match="does not exist"):
+        load_config_items(_cfg(tmp_path, sim_data, "missing", extra_manifests=[str(tmp_path / "no.jsonl")]))
+
+
 def test_tiny_run_loss_falls(tmp_path, sim_data):
     cfg = _cfg(tmp_path, sim_data, "falls", steps=40, log_every=10, ckpt_every=40, lr=2e-3, hflip=0.0,
                drop_text=0.0, drop_image=0.0, drop_both=0.0)

@@ -53,6 +53,10 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dicom", action="store_true", help="also write CR DICOM files")
     p.add_argument("--bits", type=int, choices=(8, 16), default=8, help="bits per pixel (default 8)")
     p.add_argument("--workers", type=_int_in(1), default=1, help="worker processes (default 1)")
+    p.add_argument("--edits", action="store_true",
+                   help="instead of journeys, one prior per patient with the single edits a user asks for "
+                        "(new finding at each severity, progression, device removal, no change) and their "
+                        "exact counterfactuals; --visits is ignored")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that already holds a dataset")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -66,7 +70,8 @@ def _run_simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if (out / "images.jsonl").exists() and not args.overwrite:
         parser.error(f"--out {out} already holds a dataset; choose a new folder or pass --overwrite")
     config = SimulationConfig(out=str(out), patients=args.patients, visits=args.visits, size=args.size,
-                              seed=args.seed, dicom=args.dicom, bits=args.bits, workers=args.workers)
+                              seed=args.seed, dicom=args.dicom, bits=args.bits, workers=args.workers,
+                              edits=args.edits)
 
     def progress(done: int, total: int) -> None:
         if not args.quiet and (done == total or done % max(1, total // 20) == 0):

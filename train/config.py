@@ -36,6 +36,9 @@ class TrainConfig:
         name: run name, written into the exported card.
         out_dir: run folder: checkpoints, ``log.csv``, caches.
         manifest: ``images.jsonl`` (vae, stage1, prism) or ``pairs.jsonl`` (stage2).
+        extra_manifests: more manifests of the same kind whose items are mixed in (each
+            manifest's paths are relative to its own folder), e.g. the simulator's single-edit
+            pairs (``simulate --edits``) beside its journeys.
         splits: manifest splits to train on.
         stage2_target: stage 2's target image: ``followup`` (the registered follow-up when
             registration wrote one, else the follow-up) or ``counterfactual`` (the simulator's
@@ -105,6 +108,7 @@ class TrainConfig:
     name: str = "run"
     out_dir: str = "runs/run"
     manifest: str = ""
+    extra_manifests: tuple[str, ...] = ()
     splits: tuple[str, ...] = ("train",)
     stage2_target: str = "followup"
     resolution: int = 256
@@ -191,7 +195,13 @@ class TrainConfig:
         """JSON-ready form (stored in checkpoints and cards)."""
         data = asdict(self)
         data["splits"] = list(self.splits)
+        data["extra_manifests"] = list(self.extra_manifests)
         return data
+
+    @property
+    def manifests(self) -> tuple[str, ...]:
+        """Every manifest trained on: ``manifest`` first, then ``extra_manifests``."""
+        return (self.manifest, *self.extra_manifests)
 
     @property
     def cache_path(self) -> Path:

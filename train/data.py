@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from safetensors.torch import save_file
 
 from engine.errors import InputError
 from train.reports import swap_laterality
+
+if TYPE_CHECKING:
+    from train.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,12 @@ def load_items(manifest: str | os.PathLike[str], stage: str, splits: Sequence[st
     if not items:
         raise InputError(f"{path} has no {'pairs' if stage == 'stage2' else 'images'} in split(s) {', '.join(splits)}")
     return items
+
+
+def load_config_items(cfg: TrainConfig) -> list[Item]:
+    """The items of every manifest of a run (``cfg.manifests``), in order, each read by :func:`load_items`."""
+    return [item for manifest in cfg.manifests
+            for item in load_items(manifest, cfg.stage, cfg.splits, cfg.stage2_target)]
 
 
 def load_canvas(path: str, size: int) -> torch.Tensor:

@@ -152,7 +152,8 @@ def export_run(
         change_scaling=cfg.change_scaling if models.method == "instruct" and cfg.instruct_target == "change" else 1.0,
         value_range=tuple(models.value_range),
         intended_use=RESEARCH_USE,
-        training_data=training_data(cfg.manifest, cfg.stage, cfg.data_license),
+        training_data=tuple({json.dumps(entry, sort_keys=True): entry for manifest in cfg.manifests
+                             for entry in training_data(manifest, cfg.stage, cfg.data_license)}.values()),
         license=str(cfg.extra.get("license", "Research use only; the training data's licenses apply")),
         metrics=metrics,
         description=str(cfg.extra.get("description", f"{cfg.stage} model trained with `python -m train fit`")),

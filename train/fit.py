@@ -52,7 +52,7 @@ from engine.errors import InputError
 from engine.text import project
 from train.config import TrainConfig
 from train.data import (CachedDataset, EpochSampler, ImageDataset, TensorStore, augment, collate, content_key,
-                        derive_seed, flip_text, load_canvas, load_items)
+                        derive_seed, flip_text, load_canvas, load_config_items)
 from train.models import Models, build_models
 
 log = logging.getLogger(__name__)
@@ -672,7 +672,7 @@ def fit(cfg: TrainConfig, *, stop_at_step: int | None = None, resume: str | os.P
         if cfg.simulate and not Path(cfg.manifest).is_file() and accelerator.is_main_process:
             simulate_data(cfg)
     models = build_models(cfg)
-    items = load_items(cfg.manifest, cfg.stage, cfg.splits, cfg.stage2_target)
+    items = load_config_items(cfg)
     scheduler = DDPMScheduler.from_config(models.scheduler_config)
 
     # 2. Caches (frozen encoders), built once by the main process.

@@ -40,6 +40,7 @@ from PIL import Image
 
 from ..manifest import ImageRecord, PairRecord, split_for, write_jsonl
 from .anatomy import MASK_BITS, sample_patient
+from .edits import sample_edits
 from .journey import compare_visits, sample_journey
 from .params import FIELD_OF_VIEW_MM, Patient, Visit
 from .render import SIMULATOR_VERSION, RenderResult, change_mask, check_size, render_counterfactual, render_visit
@@ -62,6 +63,8 @@ class SimulationConfig:
         dicom: also write CR DICOM files.
         bits: 8 or 16 bits per pixel for PNG and DICOM.
         workers: processes (>= 1).
+        edits: instead of journeys, one prior per patient with the single edits a user asks
+            for and their exact counterfactuals (:mod:`.edits`); ``visits`` is then unused.
     """
 
     out: str
@@ -72,6 +75,7 @@ class SimulationConfig:
     dicom: bool = False
     bits: int = 8
     workers: int = 1
+    edits: bool = False
 
     def __post_init__(self) -> None:
         check_size(self.size)
@@ -133,12 +137,13 @@ def write_dataset(config: SimulationConfig, *, progress: Callable[[int, int], No
     images: list[ImageRecord] = []
     pairs: list[PairRecord] = []
     jobs = [(config, index) for index in range(config.patients)]
+    job = _simulate_edits if config.edits else _simulate_patient
     if config.workers == 1:
-        results = map(_simulate_patient, jobs)
+        results = map(job, jobs)
         pool = None
     else:
         pool = multiprocessing.get_context("spawn").Pool(config.workers)
-        results = pool.imap(_simulate_patient, jobs, chunksize=1)
+        results = pool.imap(job, jobs, chunksize=1)
     try:
         for done, (patient_images, patient_pairs) in enumerate(results, start=1):
             images.extend(patient_images)
@@ -154,6 +159,8 @@ def write_dataset(config: SimulationConfig, *, progress: Callable[[int, int], No
     settings = dataclasses.asdict(config)
     settings.pop("out")
     settings.pop("workers")  # the output does not depend on it
+    if not config.edits:
+        settings.pop("edits")  # journeys: the settings of folders written before edits existed
     _write_bytes(out / "simulation.json", (json.dumps(
         {"simulator_version": SIMULATOR_VERSION, "settings": settings, "mask_bits": MASK_BITS,
          "field_of_view_mm": FIELD_OF_VIEW_MM}, indent=2, sort_keys=True) + "\n").encode())
@@ -177,36 +184,9 @@ def _simulate_patient(job: tuple[SimulationConfig, int]) -> tuple[list[ImageReco
     pairs: list[PairRecord] = []
     results: list[RenderResult] = []
     for k, visit in enumerate(visits):
-        image_id = f"{pid}-v{k:02d}"
         result = render_visit(patient, visit, config.size)
         results.append(result)
-        text, labels = report(visit.findings, visit.devices, text_rng, age=patient.age)
-        extra: dict[str, Any] = {
-            "severities": result.severities,
-            "sides": {n: s.side for n, s in visit.findings.present().items()},
-            "devices": [dataclasses.asdict(d) for d in visit.devices],
-            "labels_truth": result.labels,
-            "nuisance": dataclasses.asdict(visit.nuisance),
-            "mask_path": f"masks/{image_id}.png",
-            "params_path": f"params/{image_id}.json",
-            "report_path": f"reports/{image_id}.txt",
-            "cardiothoracic_ratio": round(result.cardiothoracic_ratio, 4),
-            "bits": config.bits,
-            "split": split,
-        }
-        pixels = _quantise(result.image, config.bits)
-        _write_png(out / "images" / f"{image_id}.png", pixels)
-        _write_png(out / "masks" / f"{image_id}.png", result.bits)
-        _write_bytes(out / "reports" / f"{image_id}.txt", text.encode("utf-8"))
-        _write_json(out / "params" / f"{image_id}.json", result.params)
-        if config.dicom:
-            extra["dicom_path"] = f"dicom/{image_id}.dcm"
-            _write_dicom(out / "dicom" / f"{image_id}.dcm", config, patient, visit, index, k, pixels)
-        images.append(ImageRecord(
-            image_id=image_id, patient_id=pid, study_id=f"{pid}-s{k:02d}", order=k,
-            study_date=visit.study_date, view="PA", path=f"images/{image_id}.png", report=text,
-            labels=labels, source="simulator", extra=extra,
-        ))
+        images.append(_write_image(config, patient, visit, index, k, result, split, text_rng))
         if k > 0:
             # Rendered right after the follow-up so the prior's baseline is still cached.
             pairs.append(_write_pair(config, patient, visits[k - 1], visit, results[k - 1], results[k],
@@ -214,10 +194,76 @@ def _simulate_patient(job: tuple[SimulationConfig, int]) -> tuple[list[ImageReco
     return images, pairs
 
 
+def _simulate_edits(job: tuple[SimulationConfig, int]) -> tuple[list[ImageRecord], list[PairRecord]]:
+    """Samples, renders and writes one prior and the single edits asked of it (a worker process).
+
+    Each edit's target is written as an image too (visit 1, 2, ...: the prior's acquisition with
+    the edit applied, so it equals the pair's exact counterfactual).
+    """
+    config, index = job
+    edit_seq, text_seq = np.random.SeedSequence([config.seed, index]).spawn(2)
+    rng = np.random.default_rng(edit_seq)
+    text_rng = np.random.default_rng(text_seq)
+    pid = patient_id_for(config.seed, index)
+    patient = sample_patient(rng, patient_id=pid)
+    prior, edits = sample_edits(patient, rng, text_rng)
+    split = split_for(pid)
+    prior_result = render_visit(patient, prior, config.size)
+    prior_record = _write_image(config, patient, prior, index, 0, prior_result, split, text_rng)
+    images, pairs = [prior_record], []
+    for k, edit in enumerate(edits, start=1):
+        result = render_visit(patient, edit.target, config.size)
+        record = _write_image(config, patient, edit.target, index, k, result, split, text_rng)
+        images.append(record)
+        pairs.append(_write_pair(config, patient, prior, edit.target, prior_result, result, prior_record, record,
+                                 split, text_rng, description=edit.description, edit=edit.kind))
+    return images, pairs
+
+
+def _write_image(config: SimulationConfig, patient: Patient, visit: Visit, index: int, k: int,
+                 result: RenderResult, split: str, text_rng: np.random.Generator) -> ImageRecord:
+    """Writes visit ``k`` of patient ``index`` (image, masks, report, parameters, DICOM); returns its record."""
+    out = Path(config.out)
+    pid = patient.patient_id
+    image_id = f"{pid}-v{k:02d}"
+    text, labels = report(visit.findings, visit.devices, text_rng, age=patient.age)
+    extra: dict[str, Any] = {
+        "severities": result.severities,
+        "sides": {n: s.side for n, s in visit.findings.present().items()},
+        "devices": [dataclasses.asdict(d) for d in visit.devices],
+        "labels_truth": result.labels,
+        "nuisance": dataclasses.asdict(visit.nuisance),
+        "mask_path": f"masks/{image_id}.png",
+        "params_path": f"params/{image_id}.json",
+        "report_path": f"reports/{image_id}.txt",
+        "cardiothoracic_ratio": round(result.cardiothoracic_ratio, 4),
+        "bits": config.bits,
+        "split": split,
+    }
+    pixels = _quantise(result.image, config.bits)
+    _write_png(out / "images" / f"{image_id}.png", pixels)
+    _write_png(out / "masks" / f"{image_id}.png", result.bits)
+    _write_bytes(out / "reports" / f"{image_id}.txt", text.encode("utf-8"))
+    _write_json(out / "params" / f"{image_id}.json", result.params)
+    if config.dicom:
+        extra["dicom_path"] = f"dicom/{image_id}.dcm"
+        _write_dicom(out / "dicom" / f"{image_id}.dcm", config, patient, visit, index, k, pixels)
+    return ImageRecord(
+        image_id=image_id, patient_id=pid, study_id=f"{pid}-s{k:02d}", order=k,
+        study_date=visit.study_date, view="PA", path=f"images/{image_id}.png", report=text,
+        labels=labels, source="simulator", extra=extra,
+    )
+
+
 def _write_pair(config: SimulationConfig, patient: Patient, prior: Visit, followup: Visit,
                 prior_result: RenderResult, followup_result: RenderResult, prior_record: ImageRecord,
-                followup_record: ImageRecord, split: str, text_rng: np.random.Generator) -> PairRecord:
-    """Renders and writes the exact counterfactual of a pair; returns its record."""
+                followup_record: ImageRecord, split: str, text_rng: np.random.Generator,
+                *, description: str | None = None, edit: str | None = None) -> PairRecord:
+    """Renders and writes the exact counterfactual of a pair; returns its record.
+
+    ``description`` replaces the drawn progression sentence; ``edit``, the kind of a
+    single-edit pair (:mod:`.edits`), is recorded in ``extra``.
+    """
     out = Path(config.out)
     pid = patient.patient_id
     pair_id = f"{prior_record.image_id}-v{followup_record.order:02d}"
@@ -230,7 +276,8 @@ def _write_pair(config: SimulationConfig, patient: Patient, prior: Visit, follow
     return PairRecord(
         pair_id=pair_id, patient_id=pid, prior_id=prior_record.image_id,
         followup_id=followup_record.image_id, prior_path=prior_record.path, followup_path=followup_record.path,
-        description=describe_progression(prior, followup, text_rng), registration_score=None,
+        description=description if description is not None else describe_progression(prior, followup, text_rng),
+        registration_score=None,
         split=split, counterfactual_path=f"counterfactuals/{pair_id}.png",
         labels_prior=prior_record.labels, labels_followup=followup_record.labels,
         extra={
@@ -246,6 +293,7 @@ def _write_pair(config: SimulationConfig, patient: Patient, prior: Visit, follow
             "days_between": days,
             "severities_prior": prior_result.severities,
             "severities_followup": followup_result.severities,
+            **({"edit": edit} if edit is not None else {}),
         },
     )
 
