@@ -13,6 +13,9 @@ ground truth). Every system edits the input; per system the script reports
   next to the input's own PSNR to it (what doing nothing scores);
 * ``psnr_truth_outside``: the same outside the devices' mask (did the rest of the image survive);
 * ``psnr_vae_truth``: the truth through the model's VAE, the ceiling of any latent edit;
+* for a ``change`` model (the bundled one), ``p_devices_oracle`` and ``psnr_oracle_truth``: the
+  exact latent change (encoded truth minus encoded input) decoded as the model's output is,
+  ``input + D(p + change) - D(p)``: what a perfect change model on this VAE would return;
 * ``edit_score`` (with ``--edit-score``): CLIP directional similarity, the score PRISM filters by;
 * seconds per edit.
 
@@ -148,6 +151,12 @@ def main() -> int:
         latents = eng.encode_prior(torch.from_numpy(image)[None, None]) * eng.card.latent_scaling
         return eng.decode(latents)[0, 0].cpu().numpy()
 
+    def oracle_change(image: np.ndarray, truth: np.ndarray) -> np.ndarray:
+        prior = torch.from_numpy(image)[None, None]
+        latents = eng.encode_prior(prior)
+        change = (eng.encode_prior(torch.from_numpy(truth)[None, None]) - latents) * eng.card.latent_scaling
+        return eng.decode_change(prior, latents, change * eng.card.change_factor)[0, 0].cpu().numpy()
+
     rows = []
     shown: list[tuple[int, list[str], dict[str, np.ndarray]]] = []  # cases kept for --figure
     for case, (image, truth, mask, kinds) in enumerate(_cases(args.images, eng.resolution, args.seed)):
@@ -156,6 +165,9 @@ def main() -> int:
         base = {"case": case, "devices": kinds, "p_devices_input": p_devices(image),
                 "psnr_input_truth": db(image, truth), "psnr_input_truth_outside": db(image, truth, outside),
                 "psnr_vae_truth": db(ceiling, truth)}
+        if eng.card.diffuses_change:
+            oracle = oracle_change(image, truth)
+            base.update(p_devices_oracle=p_devices(oracle), psnr_oracle_truth=db(oracle, truth))
         for system in systems:
             t0 = time.perf_counter()
             if system == "instruct":
@@ -184,8 +196,9 @@ def main() -> int:
         mine = [r for r in rows if r["system"] == system]
         summary[system] = {}
         for key in ("p_devices_input", "p_devices_edit", "psnr_input_truth", "psnr_truth", "psnr_vae_truth",
-                    "psnr_input_truth_outside", "psnr_truth_outside", "edit_score", "seconds"):
-            values = [r[key] for r in mine if r[key] is not None]
+                    "psnr_input_truth_outside", "psnr_truth_outside", "edit_score", "seconds",
+                    "p_devices_oracle", "psnr_oracle_truth"):
+            values = [r[key] for r in mine if r.get(key) is not None]
             summary[system][key] = round(statistics.fmean(values), 4) if values else None
         summary[system]["devices_removed_fraction"] = round(
             statistics.fmean(float(r["p_devices_edit"] < 0.5) for r in mine), 4)
@@ -198,6 +211,10 @@ def main() -> int:
         print(f"{system:<32} {s['p_devices_input']:>7.3f}->{s['p_devices_edit']:<7.3f} {show(s['psnr_truth']):>11} "
               f"({show(s['psnr_input_truth'])}; {show(s['psnr_vae_truth'])}) {show(s['psnr_truth_outside']):>13} "
               f"({show(s['psnr_input_truth_outside'])}) {s['seconds']:>8.1f}")
+    oracle = next(iter(summary.values()), {})
+    if oracle.get("p_devices_oracle") is not None:
+        print(f"{'exact latent change (oracle)':<32} {oracle['p_devices_input']:>7.3f}->{oracle['p_devices_oracle']:<7.3f} "
+              f"{show(oracle['psnr_oracle_truth']):>11}")
     if args.figure and shown:
         save_figure(Path(args.figure), shown, rows)
     if args.out:
