@@ -512,6 +512,9 @@ def test_device_progress_and_no_change_edits():
     with pytest.raises(ValueError, match="kind must be one of"):
         sample_edits(sample_patient(rng), rng, text_rng, kind="swap")
     assert len(EDIT_KINDS) == 4
+    from train.simulator import FINDING_NAMES
+    from train.simulator.edits import _FINDING_WEIGHTS
+    assert set(_FINDING_WEIGHTS) == set(FINDING_NAMES)  # a new simulated finding gets edit pairs too
 
 
 def test_writer_edits_mode(tmp_path):
