@@ -195,6 +195,30 @@ def instruct_requests(batch: int, steps: int, seed: int = 0) -> list:
                         image_guidance=IMAGE_GUIDANCE, seed=seed + i, scheduler="ddim") for i in range(batch)]
 
 
+class _PositionedUNet:
+    """A UNet with coordinate maps (``card.position_channels``) as diffusers' pipeline can call it.
+
+    The pipeline checks ``unet.config.in_channels`` against noisy + image latents and calls
+    ``unet(sample, t, ...)``; this view reports the channels without the maps and appends
+    them to every call, as the engine's sampler does.
+    """
+
+    def __init__(self, unet: Any, channels: int) -> None:
+        from diffusers.configuration_utils import FrozenDict
+
+        self._unet = unet
+        self._channels = channels
+        self.config = FrozenDict({**unet.config, "in_channels": int(unet.config.in_channels) - channels})
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._unet, name)
+
+    def __call__(self, sample: Any, *args: Any, **kwargs: Any) -> Any:
+        from engine.instruct import append_position
+
+        return self._unet(append_position(sample, self._channels), *args, **kwargs)
+
+
 def instruct_pipeline(eng: Any) -> Any:
     """diffusers' ``StableDiffusionInstructPix2PixPipeline`` on the engine's own modules.
 
@@ -206,8 +230,9 @@ def instruct_pipeline(eng: Any) -> Any:
 
     from engine.instruct import make_scheduler
 
+    unet = eng.unet if not eng.card.position_channels else _PositionedUNet(eng.unet, eng.card.position_channels)
     pipe = StableDiffusionInstructPix2PixPipeline(
-        vae=eng.vae, text_encoder=None, tokenizer=None, unet=eng.unet,
+        vae=eng.vae, text_encoder=None, tokenizer=None, unet=unet,
         scheduler=make_scheduler("ddim", eng.parts.scheduler_config), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )
@@ -266,6 +291,7 @@ def plain_invert_edit(eng: Any, canvas: Any, steps: int, guidance: float = TEXT_
     from diffusers import DDIMScheduler
 
     from engine.engine import from_model_range, to_model_range, to_vae_channels
+    from engine.instruct import append_position
 
     with eng._lock:  # noqa: SLF001
         states, mask = eng._embed([SOURCE_PROMPT, TARGET_PROMPT])  # noqa: SLF001
@@ -273,11 +299,13 @@ def plain_invert_edit(eng: Any, canvas: Any, steps: int, guidance: float = TEXT_
     source_mask = mask[:1].to(eng.dtype) if not bool(mask.all()) else None
     edit_mask = mask[[0, 0, 0, 1]].to(eng.dtype) if not bool(mask.all()) else None
     unet, vae, scaling = eng.unet, eng.vae, eng.card.latent_scaling * eng.card.change_factor
-    extra = int(unet.config.in_channels) - int(unet.config.out_channels)
+    position = eng.card.position_channels
+    extra = int(unet.config.in_channels) - int(unet.config.out_channels) - position
 
     def eps(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
         if extra:
             x = torch.cat([x, x.new_zeros(x.shape[0], extra, *x.shape[2:])], dim=1)
+        x = append_position(x, position)
         return unet(x, t, encoder_hidden_states=text, encoder_attention_mask=m).sample
 
     scheduler = DDIMScheduler.from_config(eng.parts.scheduler_config, clip_sample=False, set_alpha_to_one=False,

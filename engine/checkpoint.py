@@ -98,6 +98,9 @@ class ModelCard:
             A change is sparse and small (its std is about 1/12 of a latent's on journey-mini),
             so without it the unit-variance noise swamps the change at all but the last steps.
             1 for every other model.
+        position_channels: an instruct model's fixed coordinate maps after the prior latent
+            (0, 1 = x, 2 = x and y; :func:`engine.instruct.append_position`), so that its UNet
+            can tell left from right.
         value_range: pixel range the VAE expects; images are mapped to it from [0, 1].
         intended_use: who may use it for what. Always says research use only.
         training_data: one entry per data set: ``{"name", "license", "attribution"}``.
@@ -115,6 +118,7 @@ class ModelCard:
     latent_scaling: float = 0.18215
     instruct_target: str = "latent"
     change_scaling: float = 1.0
+    position_channels: int = 0
     value_range: tuple[float, float] = (-1.0, 1.0)
     intended_use: str = RESEARCH_USE
     training_data: tuple[dict[str, str], ...] = ()
@@ -193,6 +197,10 @@ class ModelCard:
             )
         if not self.change_scaling > 0:
             raise ModelFolderError(f"{where}: change_scaling must be positive")
+        if self.position_channels not in (0, 1, 2) or (self.position_channels and self.method != "instruct"):
+            raise ModelFolderError(
+                f"{where}: position_channels must be 0, 1 or 2 (instruct models only), not {self.position_channels!r}"
+            )
 
     @property
     def diffuses_change(self) -> bool:
@@ -356,11 +364,11 @@ def validate_parts(
         factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFolderError(f"vae/unet config lacks or garbles {exc}") from exc
-    if card.method == "instruct" and in_ch != 2 * latent:
+    if card.method == "instruct" and in_ch != 2 * latent + card.position_channels:
         raise ModelFolderError(
-            f"method 'instruct' needs unet.in_channels == 2 * vae.latent_channels "
-            f"(noisy latent + prior latent), but unet.in_channels={in_ch} and "
-            f"latent_channels={latent}"
+            f"method 'instruct' needs unet.in_channels == 2 * vae.latent_channels + position_channels "
+            f"(noisy latent + prior latent + coordinate maps), but unet.in_channels={in_ch}, "
+            f"latent_channels={latent} and position_channels={card.position_channels}"
         )
     if card.method == "text2image" and in_ch != latent:
         raise ModelFolderError(

@@ -8,7 +8,9 @@ diffusers' ``StableDiffusionInstructPix2PixPipeline`` runs our weights unchanged
 * the prior latent is the VAE posterior mode, *unscaled* (no ``latent_scaling``);
 * "no prior image" is an all-zero prior latent (:func:`null_image_latents`);
 * "no text" is the encoding of the empty string;
-* the noisy latent is scaled by ``latent_scaling`` as in Stable Diffusion.
+* the noisy latent is scaled by ``latent_scaling`` as in Stable Diffusion;
+* a model whose card has ``position_channels`` also gets that many fixed coordinate maps after
+  the prior latent (:func:`append_position`), in every branch.
 
 All three guidance branches run in one batched UNet call per step.
 """
@@ -55,6 +57,30 @@ def make_scheduler(name: str, config: dict[str, object]):
     return SCHEDULERS[name].from_config(config, **_SCHEDULER_OPTIONS[name])
 
 
+def append_position(model_in: torch.Tensor, channels: int) -> torch.Tensor:
+    """``model_in`` with ``channels`` fixed coordinate maps appended on the channel axis.
+
+    Map 0 is the column's x and map 1 the row's y, each running from -1 (image left, top) to 1
+    (image right, bottom). Convolutions and attention without positional encodings see the same
+    thing on both sides of a nearly symmetric chest, so a UNet without these maps cannot tell a
+    left effusion from a right one; with them it reads laterality off its input. Trainer and
+    engine append them the same way (``card.position_channels``; 0 appends nothing).
+
+    Args:
+        model_in: ``(B, K, h, w)``.
+        channels: 0, 1 (x) or 2 (x and y).
+    """
+    if channels == 0:
+        return model_in
+    if channels not in (1, 2):
+        raise ValueError(f"position channels must be 0, 1 or 2, not {channels!r}")
+    batch, _, h, w = model_in.shape
+    xs = torch.linspace(-1.0, 1.0, w, device=model_in.device, dtype=model_in.dtype).expand(h, w)
+    ys = torch.linspace(-1.0, 1.0, h, device=model_in.device, dtype=model_in.dtype)[:, None].expand(h, w)
+    grid = torch.stack([xs, ys][:channels])  # (channels, h, w)
+    return torch.cat([model_in, grid.expand(batch, -1, -1, -1)], dim=1)
+
+
 def null_image_latents(prior_latents: torch.Tensor) -> torch.Tensor:
     """The "no prior image" condition: zeros shaped like the prior latent."""
     return torch.zeros_like(prior_latents)
@@ -93,6 +119,7 @@ def sample_instruct(
     allowed: torch.Tensor | None = None,
     reference: torch.Tensor | None = None,
     trim_padding: bool = True,
+    position_channels: int = 0,
 ) -> torch.Tensor:
     """Runs the reverse diffusion for a batch of (prior, instruction) pairs.
 
@@ -117,6 +144,8 @@ def sample_instruct(
         trim_padding: drop the token positions that are padding in every branch
             (:func:`drop_shared_padding`): cross-attention over 77 positions shrinks to the
             longest text's, with the same result up to rounding.
+        position_channels: coordinate maps appended after the prior latent
+            (:func:`append_position`; the card's ``position_channels``).
 
     Returns:
         ``(B, C, h, w)`` denoised latents in the scaled latent space.
@@ -137,7 +166,8 @@ def sample_instruct(
     if trim_padding:
         encoder_states, encoder_mask = drop_shared_padding(encoder_states, encoder_mask)
     attention_mask = None if bool(encoder_mask.all()) else encoder_mask.to(dtype)
-    image_cond = torch.cat([prior_latents, prior_latents, null_image_latents(prior_latents)])
+    image_cond = append_position(torch.cat([prior_latents, prior_latents, null_image_latents(prior_latents)]),
+                                 position_channels)
     s_txt = _per_item(text_scale, batch, device, dtype)
     s_img = _per_item(image_scale, batch, device, dtype)
     if allowed is not None:
@@ -152,7 +182,7 @@ def sample_instruct(
             noised = scheduler.add_noise(reference, region_noise, t.reshape(1))
             latents = blend_region(latents, noised, allowed)
         model_in = scheduler.scale_model_input(torch.cat([latents] * 3), t)
-        model_in = torch.cat([model_in, image_cond], dim=1)  # (3B, 2C, h, w)
+        model_in = torch.cat([model_in, image_cond], dim=1)  # (3B, 2C + position channels, h, w)
         eps = unet(
             model_in, t, encoder_hidden_states=encoder_states,
             encoder_attention_mask=attention_mask,

@@ -36,6 +36,7 @@ from diffusers import DDIMScheduler
 from engine.checkpoint import PREDICTION_TYPES
 from engine.errors import InputError, ModelFolderError
 from engine.guidance import cfg
+from engine.instruct import append_position
 from engine.p2p import AttentionController, LocalBlend, controlled
 
 INVERSIONS = ("ddim", "null-text", "negative-prompt", "direct")
@@ -70,10 +71,12 @@ class NoisePredictor:
         prediction_type: ``epsilon`` or ``v_prediction``.
         condition: optional ``(1, C, h, w)`` image condition of an instruct UNet, shared by
             every batch item.
+        position_channels: the card's coordinate maps, appended after the condition
+            (:func:`engine.instruct.append_position`).
     """
 
     def __init__(self, unet: torch.nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
-                 condition: torch.Tensor | None = None) -> None:
+                 condition: torch.Tensor | None = None, position_channels: int = 0) -> None:
         if prediction_type not in PREDICTION_TYPES:
             raise ModelFolderError(
                 f"the inversion path needs an epsilon or v_prediction model, not {prediction_type!r}"
@@ -81,7 +84,8 @@ class NoisePredictor:
         self.unet = unet
         self.alphas_cumprod = alphas_cumprod
         self.prediction_type = prediction_type
-        self.condition_channels = int(unet.config.in_channels) - int(unet.config.out_channels)
+        self.position_channels = position_channels
+        self.condition_channels = int(unet.config.in_channels) - int(unet.config.out_channels) - position_channels
         if condition is not None and (not self.condition_channels or condition.shape[1] != self.condition_channels):
             raise ValueError(f"this UNet takes {self.condition_channels} condition channels, "
                              f"not a {tuple(condition.shape)} condition")
@@ -93,7 +97,7 @@ class NoisePredictor:
         if self.condition_channels:
             condition = (x.new_zeros(x.shape[0], self.condition_channels, *x.shape[2:]) if self.condition is None
                          else self.condition.to(x).expand(x.shape[0], -1, -1, -1))
-            model_in = torch.cat([x, condition], dim=1)
+            model_in = append_position(torch.cat([x, condition], dim=1), self.position_channels)
         attention_mask = None if mask is None or bool(mask.all()) else mask.to(x.dtype)
         out = self.unet(model_in, t, encoder_hidden_states=states, encoder_attention_mask=attention_mask).sample
         if self.prediction_type == "v_prediction":

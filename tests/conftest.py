@@ -22,7 +22,7 @@ TINY_RESOLUTION = 64
 
 
 def build_tiny_model(out: Path, *, method: str = "instruct", seed: int = 0,
-                     instruct_target: str = "latent") -> Path:
+                     instruct_target: str = "latent", position_channels: int = 0) -> Path:
     """Writes a tiny seeded random model folder (64 px image, 16x16 latent) in the engine's format.
 
     The text encoder is a 2-layer BERT (width 24) with MiniLM's real tokenizer, stored inside
@@ -47,7 +47,7 @@ def build_tiny_model(out: Path, *, method: str = "instruct", seed: int = 0,
     )  # downsamples 4x: a 16x16 latent keeps the UNet cheap on a 2-core CPU
     unet = UNet2DConditionModel(
         sample_size=TINY_RESOLUTION // 4,
-        in_channels=2 * latent if method == "instruct" else latent, out_channels=latent,
+        in_channels=2 * latent + position_channels if method == "instruct" else latent, out_channels=latent,
         layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -68,6 +68,7 @@ def build_tiny_model(out: Path, *, method: str = "instruct", seed: int = 0,
         shutil.copy(minilm / name, encoder_dir / name)
     card = ModelCard(
         name="tiny-test", method=method, resolution=TINY_RESOLUTION, instruct_target=instruct_target,
+        position_channels=position_channels,
         text_encoder=TextEncoderSpec(backend="bert", source="text_encoder", max_tokens=32),
         training_data=({"name": "none (random weights)", "license": "n/a"},),
         license="MIT", description="Random weights for tests.",

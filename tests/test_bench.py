@@ -128,6 +128,18 @@ def test_instruct_matches_diffusers_pipeline(clip_engine) -> None:
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=PIPELINE_TOLERANCE)
 
 
+def test_diffusers_pipeline_runs_a_model_with_coordinate_maps(tmp_path) -> None:
+    """The pipeline sees 2C input channels and the UNet gets its maps appended, as ours does:
+    with the same weights, seeds and a latent target the images agree up to the pipeline's
+    unmasked text attention (so only shapes and finiteness are compared here)."""
+    from conftest import build_tiny_model
+
+    eng = engine.load(build_tiny_model(tmp_path / "pos", position_channels=2), device="cpu", dtype="fp32")
+    canvas = bench.sample_radiograph(64)
+    theirs = bench.diffusers_instruct(bench.instruct_pipeline(eng), eng, canvas, _requests(steps=2))
+    assert theirs.shape == (2, 64, 64) and np.isfinite(theirs).all()
+
+
 def test_instruct_difference_is_detected(clip_engine) -> None:
     """The tolerance is tight enough to see a one-step change of the schedule."""
     canvas = bench.sample_radiograph(64)

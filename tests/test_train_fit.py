@@ -249,3 +249,74 @@ def test_tensor_store_keeps_finished_shards_of_an_interrupted_write(tmp_path):
     assert len(TensorStore(tmp_path / "s")) == 10 and len(list((tmp_path / "s").glob("shard-*"))) == 4
     (tmp_path / "s" / "index.json").unlink()  # an index lost with its shards intact: read back
     assert torch.equal(TensorStore(tmp_path / "s").get("k9")["params"], torch.full((2,), 9.0))
+
+
+def test_position_channels_reach_the_unet_the_same_way_in_training_editing_and_inversion(tmp_path, sim_data):
+    """A model trained with coordinate maps gets them, in the same order, from the trainer, the
+    instruct sampler and the inversion path; a run started from a model without them widens its
+    conv_in with zero weights, so it starts as that model."""
+    import engine
+    from engine.instruct import append_position
+    from train.export import export_run
+    from train.fit import Trainee
+    from train.models import build_models
+
+    plain_cfg = _cfg(tmp_path, sim_data, "plain", steps=2, ckpt_every=2, instruct_target="change")
+    fit(plain_cfg)
+    plain = export_run(plain_cfg.out_dir, tmp_path / "plain-model")
+    cfg = _cfg(tmp_path, sim_data, "pos", steps=2, ckpt_every=2, instruct_target="change", position_channels=2,
+               init_from=str(plain))
+    widened = build_models(cfg).unet.conv_in.weight
+    assert widened.shape[1] == 10 and torch.equal(widened[:, 8:], torch.zeros_like(widened[:, 8:]))
+    assert torch.equal(widened[:, :8], engine.load(plain, device="cpu").unet.conv_in.weight)
+
+    seen: list[torch.Tensor] = []
+
+    def grab(module, args):
+        seen.append(args[0].detach().clone())
+
+    trainee = Trainee(build_models(cfg), cfg.train_projection, cfg.position_channels)
+    trainee.unet.conv_in.register_forward_pre_hook(grab)
+    states = torch.zeros(1, 77, trainee.projection.in_features)
+    trainee(torch.randn(1, 8, 4, 4), torch.tensor([10]), states, None)
+    expected = append_position(torch.zeros(1, 0, 4, 4), 2)
+    assert torch.equal(seen[-1][:, 8:], expected)
+    assert expected[0, 0, 0, 0] == -1 and expected[0, 0, 0, -1] == 1  # x: image left to right
+    assert expected[0, 1, 0, 0] == -1 and expected[0, 1, -1, 0] == 1  # y: top to bottom
+
+    fit(cfg)
+    model = export_run(cfg.out_dir, tmp_path / "pos-model")
+    eng = engine.load(model, device="cpu", dtype="fp32")
+    assert eng.card.position_channels == 2 and eng.unet.config.in_channels == 10
+    eng.unet.conv_in.register_forward_pre_hook(grab)
+    prior = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    seen.clear()
+    eng.counterfactual(prior, "new right pleural effusion", steps=2, seed=0)
+    seen_invert_from = len(seen)
+    eng.invert_edit(prior, "chest x-ray", "chest x-ray with effusion", inversion="direct", steps=2)
+    assert seen and seen_invert_from < len(seen)
+    for model_in in seen:
+        grid = append_position(torch.zeros(model_in.shape[0], 0, *model_in.shape[2:]), 2)
+        assert model_in.shape[1] == 10 and torch.equal(model_in[:, 8:], grid)
+
+
+def test_position_channels_are_checked(tmp_path, sim_data):
+    import json
+
+    import engine
+    from engine.errors import ModelFolderError
+
+    with pytest.raises(InputError, match="position_channels must be 0, 1 or 2"):
+        load_config(TINY, ["--position_channels=3"])
+    with pytest.raises(InputError, match="needs an instruct stage"):
+        load_config(TINY, ["--position_channels=2", "--stage=prism"])
+    cfg = _cfg(tmp_path, sim_data, "pos", steps=1, ckpt_every=1, position_channels=2)
+    fit(cfg)
+    from train.export import export_run
+
+    model = export_run(cfg.out_dir, tmp_path / "model")
+    card = json.loads((model / "card.json").read_text())
+    card["position_channels"] = 0  # the card no longer matches the UNet's ten input channels
+    (model / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelFolderError, match="position_channels=0"):
+        engine.load(model, device="cpu")

@@ -85,6 +85,10 @@ class TrainConfig:
             card). A change is zero almost everywhere and small where it is not, so at the
             latents' scale the noise swamps it until the last steps; scale its busy values to
             about unit variance (journey-mini: std 0.18, so 5).
+        position_channels: stages 1/2: fixed coordinate maps appended after the prior latent
+            (0 none, 1 x, 2 x and y; :func:`engine.instruct.append_position`), written into the
+            card. Without them the UNet cannot tell left from right on a nearly symmetric
+            chest. With ``init_from`` a model without them, the new input channels start at zero.
         prediction_type: what the UNet predicts, ``epsilon`` (the noise, Stable Diffusion 1.5)
             or ``v_prediction`` (``sqrt(a) eps - sqrt(1 - a) x0``, Salimans & Ho): at high noise
             v is the target itself, so the loss keeps teaching *what* to generate where
@@ -146,6 +150,7 @@ class TrainConfig:
     latent_sample: bool = True
     instruct_target: str = "latent"
     change_scaling: float = 1.0
+    position_channels: int = 0
     prediction_type: str | None = None
     seed: int = 0
     log_every: int = 10
@@ -173,6 +178,9 @@ class TrainConfig:
         need(self.instruct_target in INSTRUCT_TARGETS,
              f"instruct_target must be one of {', '.join(INSTRUCT_TARGETS)}, not {self.instruct_target!r}")
         need(self.change_scaling > 0, "change_scaling must be positive")
+        need(self.position_channels in (0, 1, 2), f"position_channels must be 0, 1 or 2, not {self.position_channels!r}")
+        need(not self.position_channels or self.stage in ("stage1", "stage2"),
+             "position_channels needs an instruct stage (stage1 or stage2)")
         need(self.prediction_type in (None, *PREDICTION_TYPES),
              f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, not {self.prediction_type!r}")
         need(self.stage2_target in STAGE2_TARGETS, f"stage2_target must be one of {', '.join(STAGE2_TARGETS)}")

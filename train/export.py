@@ -108,7 +108,7 @@ def export_run(
         raise CheckpointError(path, exc.problem, hint) from None
     cfg = config_from_dict(ckpt["state"]["config"], where=str(path / "state.json"))
     models = build_models(cfg)
-    trainee = Trainee(models, cfg.train_projection)
+    trainee = Trainee(models, cfg.train_projection, cfg.position_channels)
     trainee.load_state_dict(ckpt["model"])
     used_ema = use_ema and ckpt["ema"] is not None
     if used_ema:
@@ -150,6 +150,7 @@ def export_run(
         latent_scaling=models.latent_scaling,
         instruct_target=cfg.instruct_target if models.method == "instruct" else "latent",
         change_scaling=cfg.change_scaling if models.method == "instruct" and cfg.instruct_target == "change" else 1.0,
+        position_channels=cfg.position_channels if models.method == "instruct" else 0,
         value_range=tuple(models.value_range),
         intended_use=RESEARCH_USE,
         training_data=tuple({json.dumps(entry, sort_keys=True): entry for manifest in cfg.manifests

@@ -49,6 +49,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.engine import to_model_range, to_vae_channels
 from engine.errors import InputError
+from engine.instruct import append_position
 from engine.text import project
 from train.config import TrainConfig
 from train.data import (CachedDataset, EpochSampler, ImageDataset, TensorStore, augment, collate, content_key,
@@ -74,8 +75,9 @@ class Trainee(torch.nn.Module):
     Stages 1/2/prism: the UNet and the text projection; stage 0: the VAE.
     """
 
-    def __init__(self, models: Models, train_projection: bool) -> None:
+    def __init__(self, models: Models, train_projection: bool, position_channels: int = 0) -> None:
         super().__init__()
+        self.position_channels = position_channels if models.method == "instruct" else 0
         self.vae = models.vae if models.stage == "vae" else None
         self.unet = models.unet
         self.projection = models.projection
@@ -93,6 +95,7 @@ class Trainee(torch.nn.Module):
             dist = self.vae.encode(model_in).latent_dist
             return self.vae.decode(dist.mean + dist.std * t).sample, dist.mean, dist.logvar
         context = project(states, self.projection)
+        model_in = append_position(model_in, self.position_channels)
         return self.unet(model_in, t, encoder_hidden_states=context, encoder_attention_mask=mask).sample
 
 
@@ -692,7 +695,7 @@ def fit(cfg: TrainConfig, *, stop_at_step: int | None = None, resume: str | os.P
     models.vae.to(device)
 
     # 3. Trained module, optimizer, EMA; resume if a checkpoint exists.
-    trainee = Trainee(models, cfg.train_projection).to(device)
+    trainee = Trainee(models, cfg.train_projection, cfg.position_channels).to(device)
     if cfg.stage == "vae":
         trainee.vae.requires_grad_(True).train()
     else:

@@ -203,13 +203,16 @@ def build_models(cfg: TrainConfig) -> Models:
                           float(vae.config.scaling_factor), (-1.0, 1.0), "trainable")
 
         method = "text2image" if cfg.stage == "prism" else "instruct"
-        in_channels = LATENT_CHANNELS * (2 if method == "instruct" else 1)
+        in_channels = LATENT_CHANNELS * 2 + cfg.position_channels if method == "instruct" else LATENT_CHANNELS
         if cfg.init_from:
             init = _load_init(cfg)
             vae, unet, projection = init["vae"], init["unet"], init["projection"]
             spec, scheduler, scaling, value_range = init["spec"], init["scheduler"], init["scaling"], init["value_range"]
             encoder_folder = init["encoder_folder"]
             if method == "instruct":
+                if unet.config.in_channels > in_channels:
+                    raise InputError(f"{cfg.init_from}'s UNet takes {unet.config.in_channels} input channels, more "
+                                     f"than this config's {in_channels} (check position_channels)")
                 unet = expand_conv_in(unet, in_channels)
             elif unet.config.in_channels != in_channels:
                 raise InputError(f"stage prism needs a text-to-image UNet ({in_channels} input channels); "
