@@ -14,8 +14,9 @@ ground truth). Every system edits the input; per system the script reports
 * ``psnr_truth_outside``: the same outside the devices' mask (did the rest of the image survive);
 * ``psnr_vae_truth``: the truth through the model's VAE, the ceiling of any latent edit;
 * for a ``change`` model (the bundled one), ``p_devices_oracle`` and ``psnr_oracle_truth``: the
-  exact latent change (encoded truth minus encoded input) decoded as the model's output is,
-  ``input + D(p + change) - D(p)``: what a perfect change model on this VAE would return;
+  exact latent change (encoded truth minus encoded input) decoded as the model's output is
+  (:meth:`engine.Engine.decode_change` at the default ``detail_threshold``): what a perfect
+  change model on this VAE would return;
 * ``edit_score`` (with ``--edit-score``): CLIP directional similarity, the score PRISM filters by;
 * seconds per edit.
 
@@ -124,6 +125,7 @@ def main() -> int:
 
     import engine
     from engine.analysis.classifier import load_classifier
+    from engine.engine import DETAIL_THRESHOLD
     from engine.analysis.clip_score import load_clip_scorer
     from engine.analysis.metrics import psnr
 
@@ -155,7 +157,8 @@ def main() -> int:
         prior = torch.from_numpy(image)[None, None]
         latents = eng.encode_prior(prior)
         change = (eng.encode_prior(torch.from_numpy(truth)[None, None]) - latents) * eng.card.latent_scaling
-        return eng.decode_change(prior, latents, change * eng.card.change_factor)[0, 0].cpu().numpy()
+        return eng.decode_change(prior, latents, change * eng.card.change_factor,
+                                 detail_threshold=DETAIL_THRESHOLD)[0, 0].cpu().numpy()
 
     rows = []
     shown: list[tuple[int, list[str], dict[str, np.ndarray]]] = []  # cases kept for --figure

@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument("--text-guidance", type=float, default=7.5, help="text guidance scale (both methods)")
     edit.add_argument("--image-guidance", type=float, default=1.5, help="instruct: image guidance scale")
     edit.add_argument("--scheduler", default="ddim", choices=["ddim", "euler_a", "dpmpp"], help="instruct only")
+    edit.add_argument("--detail-threshold", default=None,
+                      help="instruct, change models: where the decoded change exceeds this (0-1 scale) the output "
+                           "is the decoded edit, so thin lines can be removed; 'none' adds the change to the "
+                           "input everywhere (default: the engine's, 0.04)")
     edit.add_argument("--inversion", default="null-text", choices=["null-text", "negative-prompt", "direct", "ddim"])
     edit.add_argument("--word-weight", type=float, default=1.0,
                       help="invert: attention re-weighting of the edited words (PRISM: 2.0)")
@@ -87,11 +91,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _detail_threshold(text: str | None) -> dict[str, float | None]:
+    """``--detail-threshold`` as request fields: none given (the engine's default), ``none``, or a number."""
+    if text is None:
+        return {}
+    if text.strip().lower() == "none":
+        return {"detail_threshold": None}
+    try:
+        return {"detail_threshold": float(text)}
+    except ValueError:
+        raise InputError(f"--detail-threshold must be a number above 0 and at most 1, or none, not {text!r}") from None
+
+
 def _words(text: str) -> tuple[str, ...]:
     return tuple(w for w in text.replace(",", " ").split() if w)
 
 
-_INSTRUCT_ONLY = {"instruction": None, "severity": "none", "seed": None, "image_guidance": 1.5, "scheduler": "ddim"}
+_INSTRUCT_ONLY = {"instruction": None, "severity": "none", "seed": None, "image_guidance": 1.5, "scheduler": "ddim",
+                  "detail_threshold": None}
 _INVERT_ONLY = {"source_prompt": None, "target_prompt": None, "inversion": "null-text", "word_weight": 1.0,
                 "weighted_words": "", "local_blend": "", "blend_threshold": 0.3, "cross_replace": 0.8,
                 "self_replace": 0.4, "edit_score": "none", "residual": False}
@@ -117,7 +134,7 @@ def _request(args: argparse.Namespace):
         return engine.EditRequest(
             instruction=args.instruction, severity=args.severity, steps=20 if args.steps is None else args.steps,
             text_guidance=args.text_guidance, image_guidance=args.image_guidance, seed=args.seed,
-            scheduler=args.scheduler,
+            scheduler=args.scheduler, **_detail_threshold(args.detail_threshold),
         ).validated()
     if not args.source_prompt or not args.target_prompt:
         raise InputError("--method invert needs --source-prompt (a caption of the input) and --target-prompt")

@@ -203,6 +203,44 @@ def test_change_model_adds_the_decoded_change_to_the_prior(change_engine):
     assert np.abs(withheld.image - withheld.prior).mean() < 0.5  # the change still lands on the prior
 
 
+def test_detail_threshold_lets_a_change_remove_detail_the_vae_cannot_hold(change_engine, monkeypatch):
+    """Two thin lines on the prior, as a VAE would blur them away: D(p) is flat. The change
+    brightens a square around the first line. Summed onto the prior, the change keeps that
+    line; with a detail threshold the square (grown by a few pixels) is the decoded edit, so the
+    line goes, while the far line and every pixel away from the change stay exactly the prior's."""
+    from engine.engine import DETAIL_GROW_PX
+
+    size = 64
+    flat = torch.full((1, 1, size, size), 0.3)
+    bump = torch.zeros_like(flat)
+    bump[..., 20:30, 20:30] = 0.2
+    prior = flat.clone()
+    prior[..., 10:40, 25] = 0.9  # crosses the changed square
+    prior[..., 10:40, 55] = 0.9  # far from it
+
+    def decode(latents, clip=True):  # D(p + change) is the bump on the flat reconstruction; D(p) is flat
+        return torch.cat([flat + bump if float(latents.abs().sum()) > 0 else flat for latents in latents.split(1)])
+
+    monkeypatch.setattr(change_engine, "decode", decode)
+    latents = torch.zeros(2, 4, 8, 8)
+    change = torch.zeros_like(latents)
+    change[:, :, 3, 3] = 1.0
+    priors = torch.cat([prior, prior])
+    out = change_engine.decode_change(priors, latents, change, torch.cat([flat, flat]),
+                                      torch.tensor([0.02, float("nan")]))
+    masked, summed = out[0, 0].numpy(), out[1, 0].numpy()
+    expected_sum = (prior + bump).clamp(0, 1)[0, 0].numpy()
+    np.testing.assert_allclose(summed, expected_sum, atol=1e-6)  # NaN: the prior plus the change everywhere
+    np.testing.assert_allclose(masked[20:30, 20:30], 0.5, atol=1e-6)  # the decoded edit: the line is gone
+    assert summed[25, 25] == pytest.approx(1.0)  # summed, the line stays (0.9 + 0.2, clipped)
+    away = np.ones((size, size), bool)
+    away[20 - 2 * DETAIL_GROW_PX:30 + 2 * DETAIL_GROW_PX, 20 - 2 * DETAIL_GROW_PX:30 + 2 * DETAIL_GROW_PX] = False
+    np.testing.assert_array_equal(masked[away], prior[0, 0].numpy()[away])  # the far line and the rest: exact
+    with pytest.raises(InputError, match="detail_threshold must be"):
+        EditRequest("x", detail_threshold=0).validated()
+    assert EditRequest("x", detail_threshold=None).validated().detail_threshold is None
+
+
 def test_change_scaling_divides_the_sampled_change(change_engine, monkeypatch):
     from dataclasses import replace
 
