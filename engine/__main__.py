@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument("--image-guidance", type=float, default=1.5, help="instruct: image guidance scale")
     edit.add_argument("--scheduler", default="ddim", choices=["ddim", "euler_a", "dpmpp"], help="instruct only")
     edit.add_argument("--detail-threshold", default=None,
-                      help="instruct, change models: where the decoded change exceeds this (0-1 scale) the output "
+                      help="change models (both methods): where the decoded change exceeds this (0-1 scale) the output "
                            "is the decoded edit, so thin lines can be removed; 'none' adds the change to the "
                            "input everywhere (default: the engine's, 0.04)")
     edit.add_argument("--inversion", default="null-text", choices=["null-text", "negative-prompt", "direct", "ddim"])
@@ -107,8 +107,7 @@ def _words(text: str) -> tuple[str, ...]:
     return tuple(w for w in text.replace(",", " ").split() if w)
 
 
-_INSTRUCT_ONLY = {"instruction": None, "severity": "none", "seed": None, "image_guidance": 1.5, "scheduler": "ddim",
-                  "detail_threshold": None}
+_INSTRUCT_ONLY = {"instruction": None, "severity": "none", "seed": None, "image_guidance": 1.5, "scheduler": "ddim"}
 _INVERT_ONLY = {"source_prompt": None, "target_prompt": None, "inversion": "null-text", "word_weight": 1.0,
                 "weighted_words": "", "local_blend": "", "blend_threshold": 0.3, "cross_replace": 0.8,
                 "self_replace": 0.4, "edit_score": "none", "residual": False}
@@ -143,6 +142,7 @@ def _request(args: argparse.Namespace):
         steps=50 if args.steps is None else args.steps, guidance=args.text_guidance, cross_replace=args.cross_replace,
         self_replace=args.self_replace, word_weight=args.word_weight, weighted_words=_words(args.weighted_words),
         local_blend=_words(args.local_blend), blend_threshold=args.blend_threshold, residual=args.residual,
+        **_detail_threshold(args.detail_threshold),
     ).validated()
 
 

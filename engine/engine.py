@@ -78,6 +78,13 @@ def _checked_text(value: object, name: str, advice: str) -> str:
     return text
 
 
+def _check_detail_threshold(value: object) -> None:
+    """Raises InputError unless ``value`` is None or a number in (0, 1]."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not np.isfinite(value) or not 0 < value <= 1):
+        raise InputError(f"detail_threshold must be a number above 0 and at most 1, or None, not {value!r}")
+
+
 @dataclass(frozen=True)
 class EditRequest:
     """One counterfactual to make from a prior.
@@ -123,10 +130,7 @@ class EditRequest:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not np.isfinite(value) or not 0 <= value <= 50:
                 raise InputError(f"{name} must be a number from 0 to 50, not {value!r}")
-        value = self.detail_threshold
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not np.isfinite(value) or not 0 < value <= 1):
-            raise InputError(f"detail_threshold must be a number above 0 and at most 1, or None, not {value!r}")
+        _check_detail_threshold(self.detail_threshold)
         seed = self.seed
         if seed is None:
             seed = secrets.randbits(31)
@@ -228,6 +232,8 @@ class InvertRequest:
             models do). Off by default: detail the VAE cannot represent (thin device lines)
             stays in the input, so removals are weaker (docs/eval/invert_devices.json); the
             default returns the decoded target branch itself, as PRISM publishes.
+        detail_threshold: ``change`` models only, as :attr:`EditRequest.detail_threshold`:
+            both branches are decoded by :meth:`Engine.decode_change` with it.
     """
 
     source_prompt: str
@@ -243,6 +249,7 @@ class InvertRequest:
     blend_threshold: float = 0.3
     inner_steps: int = 10
     residual: bool = False
+    detail_threshold: float | None = DETAIL_THRESHOLD
 
     def validated(self) -> InvertRequest:
         """Checks every field; returns the request with prompts stripped and word lists as tuples.
@@ -264,6 +271,7 @@ class InvertRequest:
             raise InputError(f"inner_steps must be an integer from 1 to 100, not {self.inner_steps!r}")
         if not isinstance(self.residual, bool):
             raise InputError(f"residual must be true or false, not {self.residual!r}")
+        _check_detail_threshold(self.detail_threshold)
         checks = {"guidance": (0, 50), "cross_replace": (0, 1), "self_replace": (0, 1), "word_weight": (0, 20),
                   "blend_threshold": (0, 1)}
         for name, (lo, hi) in checks.items():
@@ -928,7 +936,7 @@ class Engine:
             if self.card.diffuses_change:  # the input plus the decoded change, as in decode_change
                 canvases = torch.from_numpy(np.stack([canvas, canvas]))[:, None]
                 images = self.decode_change(canvases, torch.cat([condition] * 2), latents,
-                                            self._prior_decodes([entry, entry]))
+                                            self._prior_decodes([entry, entry]), request.detail_threshold)
             else:
                 images = self.decode(latents)
             images = images[:, 0].float().cpu().numpy()

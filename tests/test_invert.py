@@ -341,6 +341,26 @@ def test_change_model_inverts_no_change_with_the_input_as_its_prior(tmp_path, mo
     assert np.abs(round_trip - img).max() > 1e-3  # the VAE alone would not have given the input back
 
 
+def test_change_model_inversion_decodes_with_the_requests_detail_threshold(tmp_path, monkeypatch):
+    from conftest import build_tiny_model
+
+    from engine.engine import DETAIL_THRESHOLD
+
+    eng = engine.load(build_tiny_model(tmp_path / "m", instruct_target="change"), device="cpu", dtype="fp32")
+    seen = []
+    decode_change = eng.decode_change
+    monkeypatch.setattr(eng, "decode_change", lambda *a: seen.append(a[4]) or decode_change(*a))
+    img = _image(64, seed=6)
+    plain = eng.invert_edit(img, "support devices", "no support devices", inversion="direct", steps=3,
+                            detail_threshold=None)
+    default = eng.invert_edit(img, "support devices", "no support devices", inversion="direct", steps=3)
+    assert seen == [None, DETAIL_THRESHOLD]
+    assert plain.provenance()["request"]["detail_threshold"] is None
+    np.testing.assert_allclose(default.reconstruction, img, atol=1e-5)  # no change: the input's own pixels
+    with pytest.raises(engine.InputError, match="detail_threshold must be"):
+        eng.invert_edit(img, "a", "b", inversion="direct", steps=2, detail_threshold=2.0)
+
+
 def _record_condition(eng, monkeypatch) -> list[torch.Tensor]:
     """Records the image-condition channels of every UNet call the engine makes."""
     seen: list[torch.Tensor] = []
