@@ -54,7 +54,8 @@ def test_info_prints_the_card(tiny_model, capsys):
 
 @pytest.mark.parametrize(
     "case",
-    ["text_as_png", "missing_input", "missing_model", "empty_instruction", "bad_severity", "bad_out_dir"],
+    ["text_as_png", "missing_input", "missing_model", "empty_instruction", "bad_severity", "bad_out_dir",
+     "bad_detail_threshold", "zero_detail_threshold"],
 )
 def test_bad_input_exits_2_with_one_line(case, tiny_model, rg1_dicom, tmp_path, capsys):
     fake = tmp_path / "notes.png"
@@ -72,6 +73,10 @@ def test_bad_input_exits_2_with_one_line(case, tiny_model, rg1_dicom, tmp_path, 
                          "--severity", "enormous"],
         "bad_out_dir": ["edit", str(rg1_dicom), "--instruction", "edema", "--steps", "1",
                         "--out", str(tmp_path / "no" / "such" / "dir" / "o.png"), "--model", str(tiny_model)],
+        "bad_detail_threshold": ["edit", str(rg1_dicom), "--instruction", "edema", "--out", str(tmp_path / "o.png"),
+                                 "--model", str(tiny_model), "--detail-threshold", "fine"],
+        "zero_detail_threshold": ["edit", str(rg1_dicom), "--instruction", "edema", "--out", str(tmp_path / "o.png"),
+                                  "--model", str(tiny_model), "--detail-threshold", "0"],
     }[case]
     if case == "bad_severity":  # argparse's own error path
         with pytest.raises(SystemExit) as exc:
@@ -83,6 +88,19 @@ def test_bad_input_exits_2_with_one_line(case, tiny_model, rg1_dicom, tmp_path, 
     assert code == 2
     assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_detail_threshold_reaches_the_request_of_either_method():
+    from engine.__main__ import _parser, _request
+    from engine.engine import DETAIL_THRESHOLD
+
+    def request(*extra):
+        return _request(_parser().parse_args(["edit", "x.png", "--out", "o.png", *extra]))
+
+    assert request("--instruction", "edema").detail_threshold == DETAIL_THRESHOLD
+    assert request("--instruction", "edema", "--detail-threshold", "none").detail_threshold is None
+    assert request("--method", "invert", "--source-prompt", "a", "--target-prompt", "b",
+                   "--detail-threshold", "0.1").detail_threshold == 0.1
 
 
 def test_subprocess_bad_file_has_no_traceback(tmp_path):
