@@ -320,3 +320,22 @@ def test_position_channels_are_checked(tmp_path, sim_data):
     (model / "card.json").write_text(json.dumps(card))
     with pytest.raises(ModelFolderError, match="position_channels=0"):
         engine.load(model, device="cpu")
+
+
+def test_fine_tuning_from_a_model_folder_trains_the_whole_unet(tmp_path, sim_data):
+    """``init_from`` a model folder goes through the engine's loader, which freezes every part for
+    inference; the trainer must switch the UNet back on (a run once trained only its projection)."""
+    import engine
+    from train.export import export_run
+
+    base_cfg = _cfg(tmp_path, sim_data, "base", steps=2, ckpt_every=2)
+    fit(base_cfg)
+    base = export_run(base_cfg.out_dir, tmp_path / "base-model")
+    tuned_cfg = _cfg(tmp_path, sim_data, "tuned", steps=2, ckpt_every=2, init_from=str(base), ema=False)
+    fit(tuned_cfg)
+    tuned = export_run(tuned_cfg.out_dir, tmp_path / "tuned-model")
+    before = dict(engine.load(base, device="cpu", dtype="fp32").unet.named_parameters())
+    after = engine.load(tuned, device="cpu", dtype="fp32").unet
+    assert after.config.in_channels == before["conv_in.weight"].shape[1]  # nothing widened
+    frozen = [name for name, p in after.named_parameters() if torch.equal(p, before[name])]
+    assert not frozen, f"UNet parameters left untouched by fine-tuning: {frozen[:5]}"

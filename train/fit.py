@@ -72,7 +72,11 @@ class TrainingInterrupted(RuntimeError):
 class Trainee(torch.nn.Module):
     """What the optimizer trains, as one module (so DDP wraps one thing).
 
-    Stages 1/2/prism: the UNet and the text projection; stage 0: the VAE.
+    Stages 1/2/prism: the whole UNet and (with ``train_projection``) the text projection; stage
+    0: the VAE. Their gradients are switched on here, whatever the loader left them as: a model
+    folder from ``init_from`` comes through the engine's loader, which freezes every part for
+    inference (before this, runs started from one trained only the projection and any widened
+    conv_in, with the rest of the UNet frozen).
     """
 
     def __init__(self, models: Models, train_projection: bool, position_channels: int = 0) -> None:
@@ -80,6 +84,8 @@ class Trainee(torch.nn.Module):
         self.position_channels = position_channels if models.method == "instruct" else 0
         self.vae = models.vae if models.stage == "vae" else None
         self.unet = models.unet
+        if self.unet is not None:
+            self.unet.requires_grad_(True)
         self.projection = models.projection
         if self.projection is not None:
             self.projection.requires_grad_(train_projection)
