@@ -339,3 +339,13 @@ def test_fine_tuning_from_a_model_folder_trains_the_whole_unet(tmp_path, sim_dat
     assert after.config.in_channels == before["conv_in.weight"].shape[1]  # nothing widened
     frozen = [name for name, p in after.named_parameters() if torch.equal(p, before[name])]
     assert not frozen, f"UNet parameters left untouched by fine-tuning: {frozen[:5]}"
+
+    # train_unet: false trains the projection alone (how journey-mini-e.yaml reproduces v3's history).
+    proj_cfg = _cfg(tmp_path, sim_data, "proj", steps=2, ckpt_every=2, init_from=str(base), ema=False, train_unet=False)
+    fit(proj_cfg)
+    proj_only = engine.load(export_run(proj_cfg.out_dir, tmp_path / "proj-model"), device="cpu", dtype="fp32")
+    assert all(torch.equal(p, before[name]) for name, p in proj_only.unet.named_parameters())
+    base_projection = engine.load(base, device="cpu", dtype="fp32").projection.weight
+    assert not torch.equal(proj_only.projection.weight, base_projection)
+    with pytest.raises(InputError, match="nothing to train"):
+        load_config(TINY, ["--train_unet=false", "--train_projection=false"])

@@ -53,6 +53,9 @@ class TrainConfig:
             ``sd15`` (Stable Diffusion 1.5's UNet).
         text_backend, text_source, max_tokens: the frozen text encoder of a fresh model.
         train_projection: train BiomedJourney's text projection along with the UNet.
+        train_unet: train the UNet (stages 1, 2, prism); false trains only the projection (what
+            runs started from a model folder at the same width did before the trainer switched
+            the loaded UNet's gradients back on: ``journey-mini-e.yaml`` keeps it to reproduce v3).
         steps: optimizer steps.
         batch_size: images per device per micro-step (paper: 32).
         grad_accum: micro-steps per optimizer step.
@@ -123,6 +126,7 @@ class TrainConfig:
     text_source: str = MINILM_SOURCE
     max_tokens: int = 128
     train_projection: bool = True
+    train_unet: bool = True
     steps: int = 1000
     batch_size: int = 32
     grad_accum: int = 1
@@ -189,6 +193,8 @@ class TrainConfig:
         need(self.resolution >= 32 and self.resolution % 8 == 0, "resolution must be a multiple of 8, >= 32")
         need(self.steps >= 1 and self.batch_size >= 1 and self.grad_accum >= 1, "steps, batch_size, grad_accum must be >= 1")
         need(self.lr > 0, "lr must be positive")
+        need(self.stage == "vae" or self.train_unet or self.train_projection,
+             "train_unet and train_projection are both false: nothing to train")
         for name in ("drop_text", "drop_image", "drop_both", "hflip"):
             need(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1]")
         need(self.drop_text + self.drop_image + self.drop_both <= 1, "drop_text + drop_image + drop_both must be <= 1")

@@ -108,7 +108,7 @@ def export_run(
         raise CheckpointError(path, exc.problem, hint) from None
     cfg = config_from_dict(ckpt["state"]["config"], where=str(path / "state.json"))
     models = build_models(cfg)
-    trainee = Trainee(models, cfg.train_projection, cfg.position_channels)
+    trainee = Trainee(models, cfg.train_projection, cfg.position_channels, cfg.train_unet)
     trainee.load_state_dict(ckpt["model"])
     used_ema = use_ema and ckpt["ema"] is not None
     if used_ema:

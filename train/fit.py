@@ -72,20 +72,21 @@ class TrainingInterrupted(RuntimeError):
 class Trainee(torch.nn.Module):
     """What the optimizer trains, as one module (so DDP wraps one thing).
 
-    Stages 1/2/prism: the whole UNet and (with ``train_projection``) the text projection; stage
-    0: the VAE. Their gradients are switched on here, whatever the loader left them as: a model
-    folder from ``init_from`` comes through the engine's loader, which freezes every part for
-    inference (before this, runs started from one trained only the projection and any widened
-    conv_in, with the rest of the UNet frozen).
+    Stages 1/2/prism: the UNet (with ``train_unet``) and the text projection (with
+    ``train_projection``); stage 0: the VAE. Their gradients are set here, whatever the loader
+    left them as: a model folder from ``init_from`` comes through the engine's loader, which
+    freezes every part for inference (before this, runs started from one trained only the
+    projection and any widened conv_in, with the rest of the UNet frozen).
     """
 
-    def __init__(self, models: Models, train_projection: bool, position_channels: int = 0) -> None:
+    def __init__(self, models: Models, train_projection: bool, position_channels: int = 0,
+                 train_unet: bool = True) -> None:
         super().__init__()
         self.position_channels = position_channels if models.method == "instruct" else 0
         self.vae = models.vae if models.stage == "vae" else None
         self.unet = models.unet
         if self.unet is not None:
-            self.unet.requires_grad_(True)
+            self.unet.requires_grad_(train_unet)
         self.projection = models.projection
         if self.projection is not None:
             self.projection.requires_grad_(train_projection)
@@ -701,7 +702,7 @@ def fit(cfg: TrainConfig, *, stop_at_step: int | None = None, resume: str | os.P
     models.vae.to(device)
 
     # 3. Trained module, optimizer, EMA; resume if a checkpoint exists.
-    trainee = Trainee(models, cfg.train_projection, cfg.position_channels).to(device)
+    trainee = Trainee(models, cfg.train_projection, cfg.position_channels, cfg.train_unet).to(device)
     if cfg.stage == "vae":
         trainee.vae.requires_grad_(True).train()
     else:
