@@ -123,3 +123,20 @@ def test_load_segmenter_auto_falls_back_and_explains(tmp_path, monkeypatch):
     folder = tiny_segmenter().save(tmp_path / "bundled")
     monkeypatch.setattr(seg, "BUNDLED_SEGMENTER", folder)
     assert isinstance(seg.load_segmenter("auto", cache_dir=tmp_path), seg.SmallSegmenter)
+
+
+def test_cardiothoracic_ratio_of_drawn_masks_and_of_the_simulator(cardiomegaly_pair):
+    lungs = np.zeros((64, 100), bool)
+    lungs[10:50, 20:45] = True  # right lung, image left: columns 20-44
+    left = np.zeros_like(lungs)
+    left[10:50, 55:80] = True  # left lung: columns 55-79, so the thorax spans 60 columns
+    heart = np.zeros_like(lungs)
+    heart[30:50, 40:70] = True  # 30 columns
+    assert seg.cardiothoracic_ratio({"right_lung": lungs, "left_lung": left, "heart": heart}) == 0.5
+    assert np.isnan(seg.cardiothoracic_ratio({"right_lung": lungs, "left_lung": left, "heart": np.zeros_like(heart)}))
+    with pytest.raises(InputError, match="heart"):
+        seg.cardiothoracic_ratio({"right_lung": lungs, "left_lung": left})
+    # On the simulator's own masks the ratio is in the normal range and grows with cardiomegaly.
+    prior, cf = cardiomegaly_pair
+    before, after = seg.cardiothoracic_ratio(prior.masks), seg.cardiothoracic_ratio(cf.masks)
+    assert 0.3 < before < 0.55 and after > before + 0.1

@@ -52,3 +52,29 @@ def test_none_is_identity_and_idempotent():
 def test_unknown_severity_rejected():
     with pytest.raises(ValueError, match="severity must be one of"):
         apply_severity("effusion", "huge")
+
+
+def test_the_severity_benchmark_measures_true_sizes_in_order_and_rejects_a_flat_edit():
+    """benchmarks/eval_severity.py's finding size, on the simulator's exact renders at each grade."""
+    import numpy as np
+
+    from benchmarks.eval_severity import GRADE_VALUES, finding_size, is_monotonic
+    from engine.analysis.segmentation import load_segmenter
+    from train.simulator import Findings, render, sample_nuisance, sample_patient
+    from train.simulator.params import Severity
+
+    seg = load_segmenter("auto")  # the bundled segmenter
+    rng = np.random.default_rng(5)
+    patient, nuisance = sample_patient(rng), sample_nuisance(rng)
+    prior = render(patient, Findings(), nuisance, size=256, noise_seed=0).image
+    masks = seg.segment(prior[None, None])[0]
+    for finding, side in (("effusion", "left"), ("pneumothorax", "right"), ("edema", None), ("cardiomegaly", None)):
+        sizes = {g: finding_size(finding, side, prior, render(patient, Findings(**{finding: Severity(v, side=side)}),
+                                                             nuisance, size=256, noise_seed=0).image, masks, seg)
+                 for g, v in GRADE_VALUES.items()}
+        assert is_monotonic(sizes), (finding, sizes)
+    # Effusion on the other side does not count for the asked side.
+    other = render(patient, Findings(effusion=Severity(0.8, side="right")), nuisance, size=256, noise_seed=0).image
+    assert abs(finding_size("effusion", "left", prior, other, masks, seg)) < 0.005
+    assert not is_monotonic({"slight": 0.3, "moderate": 0.3, "large": 0.3})
+    assert not is_monotonic({"slight": 0.1, "moderate": 0.3, "large": 0.2})

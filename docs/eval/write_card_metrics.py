@@ -64,7 +64,12 @@ def severity() -> dict:
     summary = data.get("summary", data)
     return {"command": "python benchmarks/eval_severity.py --cases 30 --out docs/eval/severity_journey-mini.json",
             "cases": summary["cases"], "fraction": round(summary["monotonic_fraction"], 3),
-            "size_fraction": round(summary["size_monotonic_fraction"], 3), "per_finding": summary["per_finding"]}
+            "size_fraction": round(summary["size_monotonic_fraction"], 3), "per_finding": summary["per_finding"],
+            "finding_size_fraction": round(summary["finding_size_monotonic_fraction"], 3),
+            "exact_finding_size_fraction": round(summary["exact_finding_size_monotonic_fraction"], 3),
+            "per_finding_finding_size": summary["per_finding_finding_size"],
+            "finding_size_means": summary["finding_size_means"],
+            "exact_finding_size_means": summary["exact_finding_size_means"]}
 
 
 def devices() -> dict:

@@ -213,3 +213,33 @@ def decode_bitmask(packed: np.ndarray, bits: Mapping[str, int]) -> dict[str, np.
     if packed.dtype.kind != "u":
         raise InputError(f"a packed mask must hold unsigned integers, not {packed.dtype}")
     return {name: ((packed >> bit) & 1).astype(bool) for name, bit in bits.items()}
+
+
+def cardiothoracic_ratio(masks: Mapping[str, np.ndarray]) -> float:
+    """Cardiothoracic ratio measured on a segmentation, as a radiologist measures it on a PA film.
+
+    The horizontal extent of the heart mask (its transverse diameter) divided by that of the
+    thorax, taken as the two lung masks together (outer edge of one lung to the outer edge of
+    the other). Normal adult hearts measure below about 0.5.
+
+    Args:
+        masks: structure name -> bool ``(H, W)`` mask, with ``heart``, ``left_lung`` and
+            ``right_lung`` (any backend's :meth:`Segmenter.segment` output).
+
+    Returns:
+        The ratio, or ``nan`` when the heart or both lungs are empty.
+
+    Raises:
+        InputError: a needed structure is missing.
+    """
+    missing = [n for n in ("heart", "left_lung", "right_lung") if n not in masks]
+    if missing:
+        raise InputError(f"a cardiothoracic ratio needs the structures {missing}")
+
+    def width(mask: np.ndarray) -> int:
+        cols = np.flatnonzero(np.asarray(mask, dtype=bool).any(axis=0))
+        return int(cols[-1] - cols[0] + 1) if cols.size else 0
+
+    thorax = width(np.asarray(masks["left_lung"], dtype=bool) | np.asarray(masks["right_lung"], dtype=bool))
+    heart = width(masks["heart"])
+    return heart / thorax if heart and thorax else float("nan")
