@@ -79,6 +79,9 @@ class EditAnalysis:
         change_outside: mean ``|delta|`` outside it.
         change_fraction_inside: share of the total ``|delta|`` that lies inside (0 when nothing
             changed).
+        cardiothoracic_ratio: (prior, counterfactual) heart width over thorax width measured on
+            the segmentations (:func:`~engine.analysis.segmentation.cardiothoracic_ratio`); None
+            without a segmenter that draws the heart and both lungs.
         notes: plain-language remarks (what was left out and why, how the finding was chosen).
     """
 
@@ -95,6 +98,7 @@ class EditAnalysis:
     change_inside: float | None
     change_outside: float | None
     change_fraction_inside: float | None
+    cardiothoracic_ratio: tuple[float, float] | None = None
     notes: tuple[str, ...] = ()
 
     def metrics(self) -> dict[str, Any]:
@@ -118,6 +122,9 @@ class EditAnalysis:
             "change_inside": _number(self.change_inside),
             "change_outside": _number(self.change_outside),
             "change_fraction_inside": _number(self.change_fraction_inside),
+            "cardiothoracic_ratio": None if self.cardiothoracic_ratio is None else {
+                "prior": _number(self.cardiothoracic_ratio[0]),
+                "counterfactual": _number(self.cardiothoracic_ratio[1])},
             "notes": list(self.notes),
         }
 
@@ -388,13 +395,16 @@ class Analyst:
         dice: dict[str, float] = {}
         segmentation_rgb = None
         change_inside = change_outside = change_fraction = None
+        ctr = None
         if segmenter is None:
             notes.append(f"No anatomy overlay or Dice: {self._status['segmenter']}.")
         else:
-            from engine.analysis.segmentation import mask_dice
+            from engine.analysis.segmentation import cardiothoracic_ratio, mask_dice
 
             prior_masks, cf_masks = self._segment(segmenter, pr, cf)
             dice = mask_dice(prior_masks, cf_masks)
+            if {"heart", "left_lung", "right_lung"} <= set(segmenter.structures):
+                ctr = (cardiothoracic_ratio(prior_masks), cardiothoracic_ratio(cf_masks))
             segmentation_rgb = render.to_uint8(render.mask_overlay(cf, cf_masks))
             if structure_name is not None:
                 # the structure's extent on either image: a heart that grew counts where it grew to
@@ -413,7 +423,7 @@ class Analyst:
             attention_rgb=attention_rgb, attention_prior_rgb=attention_prior_rgb,
             segmentation_rgb=segmentation_rgb, probabilities=probabilities, dice=dice,
             structure=structure_name, change_inside=change_inside, change_outside=change_outside,
-            change_fraction_inside=change_fraction, notes=tuple(notes),
+            change_fraction_inside=change_fraction, cardiothoracic_ratio=ctr, notes=tuple(notes),
         )
 
     def _classify(self, classifier: Classifier, prior: np.ndarray, counterfactual: np.ndarray,

@@ -120,6 +120,20 @@ def test_metrics_are_json_ready(analyst, prior, blob_edit):
     assert m["delta"]["max_increase"] > 0 and m["delta"]["max_decrease"] == 0.0
 
 
+def test_the_cardiothoracic_ratio_follows_the_heart_not_a_lung_opacity(analyst, prior, blob_edit):
+    from train.simulator.anatomy import sample_patient
+    from train.simulator.params import Findings, Severity
+    from train.simulator.render import render
+
+    cf, _ = blob_edit
+    before, after = analyst.analyse(prior, cf).cardiothoracic_ratio
+    assert 0.3 < before < 0.55 and abs(after - before) < 0.01  # a right-lung opacity leaves the heart alone
+    enlarged = render(sample_patient(np.random.default_rng(11)), Findings(cardiomegaly=Severity(0.8)),
+                      size=SIZE, noise_seed=1).image
+    m = analyst.analyse(prior, enlarged).metrics()["cardiothoracic_ratio"]
+    assert m["prior"] == pytest.approx(before, abs=1e-4) and m["counterfactual"] > before + 0.08
+
+
 def test_without_models_the_analysis_degrades_and_says_why(prior, blob_edit):
     cf, _ = blob_edit
     a = Analyst(classifier=None, segmenter=None)
@@ -129,6 +143,7 @@ def test_without_models_the_analysis_degrades_and_says_why(prior, blob_edit):
     assert r.probabilities == {} and r.dice == {} and r.finding is None and r.structure is None
     assert r.attention_rgb is None and r.attention_prior_rgb is None and r.segmentation_rgb is None
     assert r.change_inside is None and r.change_outside is None and r.change_fraction_inside is None
+    assert r.cardiothoracic_ratio is None and r.metrics()["cardiothoracic_ratio"] is None
     assert r.delta.any() and r.delta_rgb.shape == (SIZE, SIZE, 3)
     text = " ".join(r.notes)
     assert "'effusion' is not shown: no classifier: turned off" in text
