@@ -128,6 +128,11 @@ def test_config_validation_and_outputs():
     cfg = ev.EvaluateConfig(model="m", pairs="p", out="dir/REPORT.json", baselines=("text-only",))
     assert cfg.systems == ("model", "text-only")
     assert [p.name for p in cfg.outputs()] == ["REPORT.json", "REPORT.md", "REPORT.png"]
+    # a dot in the name is part of the name, not a suffix to replace (t7.5_i1.5.json once became t7.5_i1.json)
+    cfg = ev.EvaluateConfig(model="m", pairs="p", out="dir/t7.5_i1.5.json")
+    assert [str(p) for p in cfg.outputs()] == ["dir/t7.5_i1.5.json", "dir/t7.5_i1.5.md", "dir/t7.5_i1.5.png"]
+    assert [p.name for p in ev.EvaluateConfig(model="m", pairs="p", out="dir/REPORT").outputs()] == \
+        ["REPORT.json", "REPORT.md", "REPORT.png"]
 
 
 def test_missing_manifest_is_an_input_error(tmp_path):

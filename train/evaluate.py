@@ -129,10 +129,11 @@ class EvaluateConfig:
         return ("model", *[s for s in BASELINES if s in self.baselines])
 
     def outputs(self) -> tuple[Path, Path, Path]:
-        """``(json, markdown, figure)`` paths."""
+        """``(json, markdown, figure)`` paths: ``out`` itself when it ends in ``.json`` (dots in
+        the name kept: ``t7.5.json`` -> ``t7.5.md``), else ``out`` with the three suffixes added."""
         out = Path(self.out)
-        stem = out.with_suffix("") if out.suffix.lower() == ".json" else out
-        return stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")
+        stem = out.name[: -len(".json")] if out.suffix.lower() == ".json" else out.name
+        return out.with_name(stem + ".json"), out.with_name(stem + ".md"), out.with_name(stem + ".png")
 
 
 # ---------------------------------------------------------------------------------------------
