@@ -608,6 +608,33 @@ class Engine:
         keep = 1.0 - replaced_region(edited - reconstructed, detail_threshold)
         return (edited + (priors.to(edited.device) - reconstructed) * keep).clamp(0.0, 1.0)
 
+    @torch.no_grad()
+    def latent_ceiling(self, priors: torch.Tensor, targets: torch.Tensor,
+                       detail_threshold: float | None = DETAIL_THRESHOLD) -> torch.Tensor:
+        """The targets as this model's latent path returns them: the best any UNet could do.
+
+        A perfect UNet would sample exactly the target's latent (a ``change`` model: the exact
+        latent change ``E(target) - E(prior)``); what it returns is then that latent through
+        the same decoding as an edit (:meth:`decode_change` with ``detail_threshold`` for a
+        ``change`` model, the VAE's decode otherwise). Scores of these images are the ceiling
+        the autoencoder and the decoding allow, separate from what the UNet has learned.
+
+        Args:
+            priors: ``(B, 1, S, S)`` [0, 1] prior canvases.
+            targets: ``(B, 1, S, S)`` [0, 1] target images on the same canvases (e.g. the
+                simulator's exact counterfactuals).
+            detail_threshold: as :attr:`EditRequest.detail_threshold` (``change`` models only).
+
+        Returns:
+            ``(B, 1, S, S)`` float32 images in [0, 1].
+        """
+        target_latents = self.encode_prior(targets) * self.card.latent_scaling
+        if not self.card.diffuses_change:
+            return self.decode(target_latents)
+        prior_latents = self.encode_prior(priors)
+        change = (target_latents - prior_latents * self.card.latent_scaling) * self.card.change_factor
+        return self.decode_change(priors, prior_latents, change, detail_threshold=detail_threshold)
+
     def _prior_entries(self, priors: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
         """Each prior canvas's cache entry, ``{"latent": (C, h, w)}`` (plus ``"decoded"`` once known).
 

@@ -241,6 +241,22 @@ def test_detail_threshold_lets_a_change_remove_detail_the_vae_cannot_hold(change
     assert EditRequest("x", detail_threshold=None).validated().detail_threshold is None
 
 
+def test_latent_ceiling_is_the_target_through_the_models_own_decoding(change_engine, tiny_engine):
+    prior = torch.from_numpy(_prior(64, 64))[None, None]
+    target = prior.clone()
+    target[..., 8:24, 8:24] = (target[..., 8:24, 8:24] + 0.4).clamp(0, 1)  # a bright patch
+    # A change model: the prior itself where the exact change is zero, the decoded target where it is not.
+    torch.testing.assert_close(change_engine.latent_ceiling(prior, prior), prior, atol=1e-5, rtol=0)
+    out = change_engine.latent_ceiling(prior, target)
+    latents = change_engine.encode_prior(prior)
+    change = (change_engine.encode_prior(target) - latents) * change_engine.card.latent_scaling * change_engine.card.change_factor
+    torch.testing.assert_close(out, change_engine.decode_change(prior, latents, change, detail_threshold=0.04))
+    assert float((out - prior)[..., 8:24, 8:24].abs().mean()) > float((out - prior)[..., 40:, 40:].abs().mean())
+    # A latent model returns the VAE's reconstruction of the target.
+    latent_out = tiny_engine.latent_ceiling(prior, target)
+    torch.testing.assert_close(latent_out, tiny_engine.decode(tiny_engine.encode_prior(target) * tiny_engine.card.latent_scaling))
+
+
 def test_change_scaling_divides_the_sampled_change(change_engine, monkeypatch):
     from dataclasses import replace
 

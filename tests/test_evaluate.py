@@ -89,17 +89,20 @@ def test_evaluate_end_to_end_through_the_cli(tiny_model, sim_pairs, nets, tmp_pa
 
 def test_exact_baseline_is_the_simulators_counterfactual(tiny_model, sim_pairs, nets, tmp_path):
     config = ev.EvaluateConfig(model=str(tiny_model), pairs=str(sim_pairs), out=str(tmp_path / "R.json"), limit=2,
-                               baselines=("identity", "exact"), steps=1, device="cpu", dtype="fp32",
-                               classifier=str(nets[0]), segmenter=str(nets[1]), race_age="none", examples=0,
-                               progress=False)
+                               baselines=("identity", "exact", "latent-ceiling"), steps=1, device="cpu",
+                               dtype="fp32", classifier=str(nets[0]), segmenter=str(nets[1]), race_age="none",
+                               examples=0, progress=False)
     report = ev.evaluate(config)
-    assert report["systems"] == ["model", "identity", "exact"]
+    assert report["systems"] == ["model", "identity", "exact", "latent-ceiling"]
     for row in report["rows"]:
         exact = row["systems"]["exact"]
         assert exact["l1_exact"] == 0.0 and exact["ssim_out"] == pytest.approx(1.0)
         assert exact["anatomy_dice_exact"] == 1.0 and 0 <= row["systems"]["model"]["anatomy_dice_exact"] <= 1
     assert report["aggregate"]["exact"]["psnr_out"] == ev.PSNR_CAP_DB  # identical: infinite, capped
-    assert "\n| exact |" in ev.markdown_report(report)
+    assert "\n| exact |" in ev.markdown_report(report) and "\n| latent-ceiling |" in ev.markdown_report(report)
+    # the exact counterfactual through the model's VAE: not the exact image, but no UNet sampling either
+    ceiling = [row["systems"]["latent-ceiling"] for row in report["rows"]]
+    assert all(c["l1_exact"] > 0.0 for c in ceiling)
 
 
 def test_pair_seed_is_stable_and_order_free():

@@ -9,7 +9,11 @@ makes an image on the model's square canvas:
 * ``text-only``: the model with the prior withheld (``withhold_prior=True``), RoentGen-style
   generation from the description alone;
 * ``exact``: the simulator's exact counterfactual (simulated pairs only): what a perfect model
-  would make, so its scores are the ceiling the analysis networks allow.
+  would make, so its scores are the ceiling the analysis networks allow;
+* ``latent-ceiling``: the exact counterfactual through the model's own autoencoder and decoding
+  (:meth:`engine.Engine.latent_ceiling`, simulated pairs only): what a perfect UNet on this
+  VAE would make, so the distance from ``exact`` is the autoencoder's share of a shortfall and
+  the distance from ``model`` the UNet's.
 
 Per pair and system it records (:mod:`engine.analysis.metrics`): L1 to the prior (PRISM's
 identity preservation) and to the follow-up; PSNR/SSIM to the exact counterfactual inside and
@@ -51,8 +55,8 @@ from engine.errors import InputError
 
 log = logging.getLogger(__name__)
 
-SYSTEMS = ("model", "identity", "text-only", "exact")
-BASELINES = ("identity", "text-only", "exact")
+SYSTEMS = ("model", "identity", "text-only", "exact", "latent-ceiling")
+BASELINES = ("identity", "text-only", "exact", "latent-ceiling")
 FINDINGS = metrics.PATHOLOGY_FINDINGS
 SEVERITY_NAMES = {"atelectasis": "Atelectasis", "cardiomegaly": "Cardiomegaly", "consolidation": "Consolidation",
                   "edema": "Edema", "effusion": "Pleural Effusion", "pneumothorax": "Pneumothorax"}
@@ -72,7 +76,8 @@ class EvaluateConfig:
         pairs: the ``pairs.jsonl`` manifest (paths inside are relative to its folder).
         out: the report's JSON path; ``.md`` and ``.png`` are written next to it.
         limit: evaluate the first N pairs (after ``split`` filtering); None for all.
-        baselines: any of ``identity``, ``text-only``, ``exact`` (simulated pairs only).
+        baselines: any of ``identity``, ``text-only``, ``exact`` and ``latent-ceiling`` (the last
+            two: simulated pairs only).
         batch_size: pairs per generation batch, and images per classifier/segmenter batch.
         split: only pairs of this split (``test``, ``validate``, ``train``) or ``all``.
         classifier: ``auto``, ``xrv``, ``xrv:WEIGHTS``, a small-classifier folder, or ``none``.
@@ -306,6 +311,20 @@ def generate(engine: Any, pairs: Sequence[PairData], config: EvaluateConfig) -> 
         if missing:
             raise InputError(f"the exact baseline needs simulated pairs with counterfactual_path; {missing[0]} has none")
         images["exact"] = [pair.exact.copy() for pair in pairs]
+    if "latent-ceiling" in config.systems:
+        missing = [pair.record.pair_id for pair in pairs if pair.exact is None]
+        if missing:
+            raise InputError(f"the latent-ceiling baseline needs simulated pairs with counterfactual_path; "
+                             f"{missing[0]} has none")
+        import torch
+
+        ceiling = []
+        for start in range(0, len(pairs), config.batch_size):
+            chunk = slice(start, start + config.batch_size)
+            batch_priors = torch.from_numpy(np.stack(priors[chunk]))[:, None]
+            batch_exact = torch.from_numpy(np.stack([pair.exact for pair in pairs[chunk]]).astype(np.float32))[:, None]
+            ceiling.extend(engine.latent_ceiling(batch_priors, batch_exact).cpu().numpy()[:, 0])
+        images["latent-ceiling"] = ceiling
     return priors, images
 
 
@@ -810,7 +829,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="report path (REPORT.json; .md and .png are written next to it)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N pairs")
     p.add_argument("--baselines", default="identity,text-only",
-                   help="comma-separated baselines: identity, text-only, exact (simulated pairs), or 'none' (default: identity,text-only)")
+                   help="comma-separated baselines: identity, text-only, exact, latent-ceiling (the last two: simulated pairs), or 'none' (default: identity,text-only)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per generation batch and images per analysis-network batch (default 8)")
     p.add_argument("--split", default="all", choices=("all", "train", "validate", "test"), help="only pairs of this split")
     p.add_argument("--classifier", default="auto", help="auto | xrv | xrv:WEIGHTS | FOLDER | none (default auto)")
