@@ -154,11 +154,8 @@ def main() -> int:
         return eng.decode(latents)[0, 0].cpu().numpy()
 
     def oracle_change(image: np.ndarray, truth: np.ndarray) -> np.ndarray:
-        prior = torch.from_numpy(image)[None, None]
-        latents = eng.encode_prior(prior)
-        change = (eng.encode_prior(torch.from_numpy(truth)[None, None]) - latents) * eng.card.latent_scaling
-        return eng.decode_change(prior, latents, change * eng.card.change_factor,
-                                 detail_threshold=DETAIL_THRESHOLD)[0, 0].cpu().numpy()
+        return eng.latent_ceiling(torch.from_numpy(image)[None, None], torch.from_numpy(truth)[None, None],
+                                  detail_threshold=DETAIL_THRESHOLD)[0, 0].cpu().numpy()
 
     rows = []
     shown: list[tuple[int, list[str], dict[str, np.ndarray]]] = []  # cases kept for --figure
