@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "assets" / "models" / "journey-mini"
 EVAL_COMMAND = (
     "python -m train evaluate --pairs data/sim-eval500/pairs.jsonl --model assets/models/journey-mini "
-    "--out docs/EVALUATION_journey-mini.json --baselines identity,exact --classifier auto --segmenter auto "
+    "--out docs/EVALUATION_journey-mini.json --baselines identity,exact,latent-ceiling --classifier auto --segmenter auto "
     "--race-age none --examples 6 --quiet --device cpu  (data/sim-eval500 = python -m train simulate "
     "--out data/sim-eval500 --patients 170 --visits 4 --seed 7)"
 )
@@ -32,15 +32,17 @@ def _load(path: str) -> dict:
 def evaluation() -> dict:
     report = _load("docs/EVALUATION_journey-mini.json")
     agg = report["aggregate"]
-    model, identity, exact = agg["model"], agg["identity"], agg["exact"]
+    model, identity, exact, ceiling = agg["model"], agg["identity"], agg["exact"], agg["latent-ceiling"]
     return {
         "command": EVAL_COMMAND, "report": "docs/EVALUATION_journey-mini.json", "pairs": model["pairs"],
         "evaluated_model_hash": report["model"]["model_hash"],
         "pathology_auroc_model": round(model["pathology_auroc"], 3),
         "pathology_auroc_exact": round(exact["pathology_auroc"], 3),
         "pathology_auroc_identity": round(identity["pathology_auroc"], 3),
+        "pathology_auroc_latent_ceiling": round(ceiling["pathology_auroc"], 3),
         **{f"pathology_auroc_per_finding_{name}": {k: round(v, 2) for k, v in system["pathology_auroc_per_finding"].items()}
-           for name, system in (("model", model), ("exact", exact), ("identity", identity))},
+           for name, system in (("model", model), ("exact", exact), ("identity", identity),
+                                ("latent_ceiling", ceiling))},
         "psnr_out_db": round(model["psnr_out"], 2), "psnr_in_db": round(model["psnr_in"], 2),
         "ssim_out": round(model["ssim_out"], 4),
         "anatomy_dice_vs_exact": round(model["anatomy_dice_exact"], 4),
