@@ -540,3 +540,28 @@ def test_writer_edits_mode(tmp_path):
     # journeys written before edits existed keep their settings file
     write_dataset(SimulationConfig(out=str(tmp_path / "j"), patients=1, visits=2, size=S, seed=4))
     assert "edits" not in json.loads((tmp_path / "j" / "simulation.json").read_text())["settings"]
+
+
+def test_edit_kinds_restrict_the_edits_drawn(tmp_path, capsys):
+    from train.__main__ import main
+    from train.simulator.edits import sample_edits
+
+    # the default draws are those of folders written before --edit-kinds existed
+    a = sample_edits(sample_patient(np.random.default_rng(5)), np.random.default_rng(6), np.random.default_rng(7))
+    b = sample_edits(sample_patient(np.random.default_rng(5)), np.random.default_rng(6), np.random.default_rng(7),
+                     kinds=None)
+    assert a == b
+    out = tmp_path / "devices"
+    assert main(["simulate", "--out", str(out), "--patients", "4", "--size", str(S), "--seed", "4",
+                 "--edits", "--edit-kinds", "devices", "--quiet"]) == 0
+    pairs = read_pairs(out / "pairs.jsonl")
+    assert len(pairs) == 4 and {p.extra["edit"] for p in pairs} == {"devices"}
+    assert json.loads((out / "simulation.json").read_text())["settings"]["edit_kinds"] == ["devices"]
+    for bad in (["--edit-kinds", "devices,swap", "--edits"], ["--edit-kinds", "devices"], ["--edit-kinds", ",", "--edits"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["simulate", "--out", str(tmp_path / "bad"), "--patients", "1", "--quiet", *bad])
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "edit kinds must be distinct names among severity, progress, devices, none" in err
+    assert "--edit-kinds needs --edits" in err
+    assert not (tmp_path / "bad").exists()

@@ -57,6 +57,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    help="instead of journeys, one prior per patient with the single edits a user asks for "
                         "(new finding at each severity, progression, device removal, no change) and their "
                         "exact counterfactuals; --visits is ignored")
+    p.add_argument("--edit-kinds", default=None, metavar="KIND[,KIND...]",
+                   help="with --edits, draw only these kinds of edit: severity, progress, devices, none "
+                        "(e.g. devices: a set of device removals); default every kind")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that already holds a dataset")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -69,9 +72,17 @@ def _run_simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(f"--out {out} is a file; choose a folder")
     if (out / "images.jsonl").exists() and not args.overwrite:
         parser.error(f"--out {out} already holds a dataset; choose a new folder or pass --overwrite")
-    config = SimulationConfig(out=str(out), patients=args.patients, visits=args.visits, size=args.size,
-                              seed=args.seed, dicom=args.dicom, bits=args.bits, workers=args.workers,
-                              edits=args.edits)
+    edit_kinds = None
+    if args.edit_kinds is not None:
+        if not args.edits:
+            parser.error("--edit-kinds needs --edits")
+        edit_kinds = tuple(k.strip() for k in args.edit_kinds.split(",") if k.strip())
+    try:
+        config = SimulationConfig(out=str(out), patients=args.patients, visits=args.visits, size=args.size,
+                                  seed=args.seed, dicom=args.dicom, bits=args.bits, workers=args.workers,
+                                  edits=args.edits, edit_kinds=edit_kinds)
+    except ValueError as exc:
+        parser.error(str(exc))
 
     def progress(done: int, total: int) -> None:
         if not args.quiet and (done == total or done % max(1, total // 20) == 0):

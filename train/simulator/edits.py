@@ -71,6 +71,14 @@ class Edit:
     description: str
 
 
+def check_edit_kinds(kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """``kinds`` if it is a non-empty tuple of distinct ``EDIT_KINDS``; ValueError otherwise."""
+    unknown = [k for k in kinds if k not in EDIT_KINDS]
+    if not kinds or unknown or len(set(kinds)) != len(kinds):
+        raise ValueError(f"edit kinds must be distinct names among {', '.join(EDIT_KINDS)}; got {', '.join(kinds) or 'none'}")
+    return kinds
+
+
 def _value(grade: str, rng: np.random.Generator) -> float:
     lo, hi = GRADE_VALUES[grade]
     return float(rng.uniform(lo, hi))
@@ -95,7 +103,7 @@ def _user_instruction(name: str, sev: Severity, rng: np.random.Generator) -> str
 
 
 def sample_edits(patient: Patient, rng: np.random.Generator, text_rng: np.random.Generator,
-                 *, kind: str | None = None) -> tuple[Visit, list[Edit]]:
+                 *, kind: str | None = None, kinds: tuple[str, ...] | None = None) -> tuple[Visit, list[Edit]]:
     """A prior visit and the edits asked of it.
 
     Args:
@@ -103,13 +111,18 @@ def sample_edits(patient: Patient, rng: np.random.Generator, text_rng: np.random
         rng: draws the prior, the kind, the finding, side and severities.
         text_rng: draws the wording only (so wording changes never change images).
         kind: force one of ``EDIT_KINDS``; default drawn with ``EDIT_WEIGHTS``.
+        kinds: draw the kind among these only (``EDIT_WEIGHTS`` renormalised over them); None:
+            all of ``EDIT_KINDS`` (the draws of datasets written before this option existed).
 
     Returns:
         ``(prior, edits)``: three edits for ``severity`` (slight, moderate, large), else one.
     """
     prior = sample_visit(patient, rng)
-    if kind is None:
+    if kind is None and kinds is None:
         kind = str(rng.choice(EDIT_KINDS, p=EDIT_WEIGHTS))
+    elif kind is None:
+        weights = np.array([EDIT_WEIGHTS[EDIT_KINDS.index(k)] for k in check_edit_kinds(kinds)])
+        kind = str(rng.choice(list(kinds), p=weights / weights.sum()))
     if kind not in EDIT_KINDS:
         raise ValueError(f"kind must be one of {EDIT_KINDS}, got {kind!r}")
     names = list(_FINDING_WEIGHTS)

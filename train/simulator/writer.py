@@ -40,7 +40,7 @@ from PIL import Image
 
 from ..manifest import ImageRecord, PairRecord, split_for, write_jsonl
 from .anatomy import MASK_BITS, sample_patient
-from .edits import sample_edits
+from .edits import check_edit_kinds, sample_edits
 from .journey import compare_visits, sample_journey
 from .params import FIELD_OF_VIEW_MM, Patient, Visit
 from .render import SIMULATOR_VERSION, RenderResult, change_mask, check_size, render_counterfactual, render_visit
@@ -65,6 +65,8 @@ class SimulationConfig:
         workers: processes (>= 1).
         edits: instead of journeys, one prior per patient with the single edits a user asks
             for and their exact counterfactuals (:mod:`.edits`); ``visits`` is then unused.
+        edit_kinds: with ``edits``, draw only these kinds of edit (e.g. ``("devices",)`` for a
+            set of device removals); None: every kind at its usual weight.
     """
 
     out: str
@@ -76,9 +78,14 @@ class SimulationConfig:
     bits: int = 8
     workers: int = 1
     edits: bool = False
+    edit_kinds: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         check_size(self.size)
+        if self.edit_kinds is not None:
+            if not self.edits:
+                raise ValueError("edit_kinds needs edits=True (journeys have no edit kinds)")
+            check_edit_kinds(self.edit_kinds)
         if self.patients < 1:
             raise ValueError(f"patients must be at least 1, got {self.patients}")
         if self.visits < 1:
@@ -161,6 +168,8 @@ def write_dataset(config: SimulationConfig, *, progress: Callable[[int, int], No
     settings.pop("workers")  # the output does not depend on it
     if not config.edits:
         settings.pop("edits")  # journeys: the settings of folders written before edits existed
+    if config.edit_kinds is None:
+        settings.pop("edit_kinds")  # every kind: as folders written before the option existed
     _write_bytes(out / "simulation.json", (json.dumps(
         {"simulator_version": SIMULATOR_VERSION, "settings": settings, "mask_bits": MASK_BITS,
          "field_of_view_mm": FIELD_OF_VIEW_MM}, indent=2, sort_keys=True) + "\n").encode())
@@ -206,7 +215,7 @@ def _simulate_edits(job: tuple[SimulationConfig, int]) -> tuple[list[ImageRecord
     text_rng = np.random.default_rng(text_seq)
     pid = patient_id_for(config.seed, index)
     patient = sample_patient(rng, patient_id=pid)
-    prior, edits = sample_edits(patient, rng, text_rng)
+    prior, edits = sample_edits(patient, rng, text_rng, kinds=config.edit_kinds)
     split = split_for(pid)
     prior_result = render_visit(patient, prior, config.size)
     prior_record = _write_image(config, patient, prior, index, 0, prior_result, split, text_rng)
