@@ -20,14 +20,23 @@ simulated with another seed, and written into the folder's ``card.json``::
 
 The bundled classifier was trained on the CPU (one thread). It has five stages starting at 16 channels, so it keeps the full 256 px input (thin
 pneumothorax lines and catheters) at about a third of the four-stage net's cost, and average + max
-pooling (small findings are not averaged away); 1000 steps from scratch, then 300 at a lower peak::
+pooling (small findings are not averaged away); 1000 steps from scratch, then 300 at a lower peak,
+then 1500 more with the single-edit pairs::
 
     python -m train analysis --kind classifier --data data/sim-train --eval-data data/sim-eval500 \\
         --out runs/cls-stage1 --steps 1000 --batch-size 32 --lr 2e-3 --resolution 256 \\
         --widths 16,32,64,128,256 --pool avgmax --pos-weight sqrt --eval-every 250 --threads 1
     python -m train analysis --kind classifier --data data/sim-train --eval-data data/sim-eval500 \\
-        --out assets/models/cxr-classifier-mini --init-from runs/cls-stage1 --steps 300 --batch-size 32 \\
+        --out runs/cls-e --init-from runs/cls-stage1 --steps 300 --batch-size 32 \\
         --lr 1e-3 --pos-weight sqrt --threads 1 --seed 1
+    python -m train analysis --kind classifier --data data/sim-train --data data/sim-edits \\
+        --eval-data data/sim-eval500 --out assets/models/cxr-classifier-mini --init-from runs/cls-e \\
+        --steps 1500 --batch-size 32 --lr 5e-4 --pos-weight sqrt --eval-every 500 --threads 2 --seed 2
+
+The second run's classifier was shipped until 2026-12-03; the third (the single-edit pairs of
+``data/sim-edits`` added; 0.9 s a step on 2 cores, about 23 min alone) lifted held-out AUROC on
+atelectasis 0.947 -> 0.956, cardiomegaly 0.920 -> 0.933, consolidation 0.926 -> 0.942 and support
+devices 0.962 -> 0.977 (its card's description was then rewritten to name all three runs).
 
 The segmenter is the earlier one (1500 steps of batch 32 at 256 px with the defaults). A short
 diaphragm-weighted fine-tune (``--init-from assets/models/cxr-segmenter-mini --steps 50
