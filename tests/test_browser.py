@@ -96,6 +96,7 @@ def _download(page, link, folder: Path) -> Path:
 def test_upload_generate_journey_and_exports(page, tmp_path):
     import pydicom
     from PIL import Image
+    from playwright import sync_api
 
     shots = Path(os.environ.get("CXR_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
@@ -128,7 +129,9 @@ def test_upload_generate_journey_and_exports(page, tmp_path):
         "new moderate left pleural effusion\nleft pleural effusion has resolved\nwithout support devices")
     page.locator("#chain").click()
     page.locator("#journey-gif a[download]").wait_for(timeout=GENERATE_S * 1000)
-    assert page.locator("#timeline img").count() == 4  # the prior and three steps
+    # The gallery and the GIF arrive in one update, but the gallery's thumbnails render after
+    # the link: wait for them rather than counting at once.
+    sync_api.expect(page.locator("#timeline img")).to_have_count(4, timeout=30_000)  # the prior and three steps
     gif = Image.open(_download(page, page.locator("#journey-gif a[download]"), tmp_path))
     assert gif.n_frames == 4
     page.screenshot(path=str(shots / "workstation-journey.png"), full_page=True)
