@@ -565,3 +565,39 @@ def test_edit_kinds_restrict_the_edits_drawn(tmp_path, capsys):
     assert "edit kinds must be distinct names among severity, progress, devices, none" in err
     assert "--edit-kinds needs --edits" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_removal_devices_widen_what_a_removal_edit_adds(tmp_path, capsys):
+    from train.__main__ import main
+    from train.simulator.edits import sample_edits
+
+    def devices(i: int, **kw) -> tuple:
+        prior, edits = sample_edits(sample_patient(np.random.default_rng(i)), np.random.default_rng(100 + i),
+                                    np.random.default_rng(200 + i), kind="devices", **kw)
+        assert all(e.target.devices == () for e in edits)
+        return tuple((d.kind, d.side, d.seed) for d in prior.devices)
+
+    # the default keeps the draws of folders written before the option existed (values from that code)
+    assert [devices(i) for i in range(3)] == [
+        (("ett", None, 589641002), ("cvc", "right", 1781282635)), (("ng_tube", None, 531566554),),
+        (("ng_tube", None, 2135383847), ("ecg", None, 646773875))]
+    wide = [devices(i, removal_devices=("pacemaker", "chest_tube")) for i in range(12)]
+    assert all({"pacemaker", "chest_tube"} & {k for k, _, _ in d} for d in wide)
+    assert all(side in ("left", "right") for d in wide for k, side, _ in d if k in ("pacemaker", "chest_tube"))
+
+    out = tmp_path / "cardiac"
+    assert main(["simulate", "--out", str(out), "--patients", "3", "--size", str(S), "--seed", "4", "--edits",
+                 "--edit-kinds", "devices", "--removal-devices", "pacemaker,icd", "--quiet"]) == 0
+    settings = json.loads((out / "simulation.json").read_text())["settings"]
+    assert settings["removal_devices"] == ["pacemaker", "icd"]
+    for p in read_pairs(out / "pairs.jsonl"):
+        removed = {c["name"] for c in p.extra["changes"] if c["kind"] == "device" and c["change"] == "removed"}
+        assert removed & {"pacemaker", "icd"}
+    for bad in (["--removal-devices", "pacemaker,stent", "--edits"], ["--removal-devices", "pacemaker"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["simulate", "--out", str(tmp_path / "bad"), "--patients", "1", "--quiet", *bad])
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "removal devices must be distinct names among ett, ng_tube" in err
+    assert "--removal-devices needs --edits" in err
+    assert not (tmp_path / "bad").exists()

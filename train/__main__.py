@@ -60,6 +60,10 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--edit-kinds", default=None, metavar="KIND[,KIND...]",
                    help="with --edits, draw only these kinds of edit: severity, progress, devices, none "
                         "(e.g. devices: a set of device removals); default every kind")
+    p.add_argument("--removal-devices", default=None, metavar="KIND[,KIND...]",
+                   help="with --edits, the device kinds a removal edit adds to its prior (1-3 of them), "
+                        "among ett, ng_tube, cvc, pacemaker, icd, ecg, chest_tube, sternal_wires; "
+                        "default ett,ng_tube,cvc,ecg")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that already holds a dataset")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -77,10 +81,15 @@ def _run_simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         if not args.edits:
             parser.error("--edit-kinds needs --edits")
         edit_kinds = tuple(k.strip() for k in args.edit_kinds.split(",") if k.strip())
+    extra = {}
+    if args.removal_devices is not None:
+        if not args.edits:
+            parser.error("--removal-devices needs --edits")
+        extra["removal_devices"] = tuple(k.strip() for k in args.removal_devices.split(",") if k.strip())
     try:
         config = SimulationConfig(out=str(out), patients=args.patients, visits=args.visits, size=args.size,
                                   seed=args.seed, dicom=args.dicom, bits=args.bits, workers=args.workers,
-                                  edits=args.edits, edit_kinds=edit_kinds)
+                                  edits=args.edits, edit_kinds=edit_kinds, **extra)
     except ValueError as exc:
         parser.error(str(exc))
 

@@ -71,6 +71,22 @@ class Edit:
     description: str
 
 
+REMOVAL_DEVICES: tuple[str, ...] = ("ett", "ng_tube", "cvc", "ecg")
+"""The devices a ``devices`` edit adds to its prior (1-3 of them) before removing every device:
+the acute lines and tubes. Pacemakers, ICDs and chest tubes then appear only where the sampled
+prior already had one (3 % and 6 % of the removals of ``data/sim-devices31``);
+``removal_devices`` widens the draw."""
+
+
+def check_removal_devices(kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """``kinds`` if it is a non-empty tuple of distinct ``DEVICE_KINDS``; ValueError otherwise."""
+    unknown = [k for k in kinds if k not in DEVICE_KINDS]
+    if not kinds or unknown or len(set(kinds)) != len(kinds):
+        raise ValueError(f"removal devices must be distinct names among {', '.join(DEVICE_KINDS)}; "
+                         f"got {', '.join(kinds) or 'none'}")
+    return kinds
+
+
 def check_edit_kinds(kinds: tuple[str, ...]) -> tuple[str, ...]:
     """``kinds`` if it is a non-empty tuple of distinct ``EDIT_KINDS``; ValueError otherwise."""
     unknown = [k for k in kinds if k not in EDIT_KINDS]
@@ -103,7 +119,8 @@ def _user_instruction(name: str, sev: Severity, rng: np.random.Generator) -> str
 
 
 def sample_edits(patient: Patient, rng: np.random.Generator, text_rng: np.random.Generator,
-                 *, kind: str | None = None, kinds: tuple[str, ...] | None = None) -> tuple[Visit, list[Edit]]:
+                 *, kind: str | None = None, kinds: tuple[str, ...] | None = None,
+                 removal_devices: tuple[str, ...] = REMOVAL_DEVICES) -> tuple[Visit, list[Edit]]:
     """A prior visit and the edits asked of it.
 
     Args:
@@ -113,6 +130,9 @@ def sample_edits(patient: Patient, rng: np.random.Generator, text_rng: np.random
         kind: force one of ``EDIT_KINDS``; default drawn with ``EDIT_WEIGHTS``.
         kinds: draw the kind among these only (``EDIT_WEIGHTS`` renormalised over them); None:
             all of ``EDIT_KINDS`` (the draws of datasets written before this option existed).
+        removal_devices: the device kinds a ``devices`` edit draws 1-3 of (fewer if fewer are
+            listed) and adds to the prior; the default ``REMOVAL_DEVICES`` keeps the draws of
+            datasets written before this option existed.
 
     Returns:
         ``(prior, edits)``: three edits for ``severity`` (slight, moderate, large), else one.
@@ -154,9 +174,8 @@ def sample_edits(patient: Patient, rng: np.random.Generator, text_rng: np.random
         return prior, [Edit(kind, target, describe_progression(prior, target, text_rng))]
 
     if kind == "devices":
-        acute = ("ett", "ng_tube", "cvc", "ecg")
-        count = int(rng.integers(1, 4))
-        chosen = sorted(rng.choice(acute, size=count, replace=False).tolist())
+        count = int(rng.integers(1, min(3, len(removal_devices)) + 1))
+        chosen = sorted(rng.choice(removal_devices, size=count, replace=False).tolist())
         devices = {d.kind: d for d in prior.devices}
         for k in chosen:
             devices.setdefault(k, _device(k, rng))

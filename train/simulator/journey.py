@@ -166,6 +166,8 @@ def _evolve(name: str, sev: Severity | None, rng: np.random.Generator, *, has_ch
 def _device(kind: str, rng: np.random.Generator, side: str | None = None) -> Device:
     if side is None and kind in ("cvc", "chest_tube"):
         side = str(rng.choice(("right", "left"), p=(0.7, 0.3) if kind == "cvc" else (0.5, 0.5)))
+    elif side is None and kind in ("pacemaker", "icd"):  # the generator pocket, as journeys draw it
+        side = "left" if rng.random() < 0.85 else "right"
     return Device(kind, side=side, seed=int(rng.integers(0, 2**31 - 1)))
 
 

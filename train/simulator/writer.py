@@ -40,7 +40,7 @@ from PIL import Image
 
 from ..manifest import ImageRecord, PairRecord, split_for, write_jsonl
 from .anatomy import MASK_BITS, sample_patient
-from .edits import check_edit_kinds, sample_edits
+from .edits import REMOVAL_DEVICES, check_edit_kinds, check_removal_devices, sample_edits
 from .journey import compare_visits, sample_journey
 from .params import FIELD_OF_VIEW_MM, Patient, Visit
 from .render import SIMULATOR_VERSION, RenderResult, change_mask, check_size, render_counterfactual, render_visit
@@ -67,6 +67,8 @@ class SimulationConfig:
             for and their exact counterfactuals (:mod:`.edits`); ``visits`` is then unused.
         edit_kinds: with ``edits``, draw only these kinds of edit (e.g. ``("devices",)`` for a
             set of device removals); None: every kind at its usual weight.
+        removal_devices: with ``edits``, the device kinds a removal edit adds to its prior
+            (:data:`.edits.REMOVAL_DEVICES` by default: the acute lines and tubes).
     """
 
     out: str
@@ -79,6 +81,7 @@ class SimulationConfig:
     workers: int = 1
     edits: bool = False
     edit_kinds: tuple[str, ...] | None = None
+    removal_devices: tuple[str, ...] = REMOVAL_DEVICES
 
     def __post_init__(self) -> None:
         check_size(self.size)
@@ -86,6 +89,10 @@ class SimulationConfig:
             if not self.edits:
                 raise ValueError("edit_kinds needs edits=True (journeys have no edit kinds)")
             check_edit_kinds(self.edit_kinds)
+        if self.removal_devices != REMOVAL_DEVICES:
+            if not self.edits:
+                raise ValueError("removal_devices needs edits=True (journeys place their own devices)")
+            check_removal_devices(self.removal_devices)
         if self.patients < 1:
             raise ValueError(f"patients must be at least 1, got {self.patients}")
         if self.visits < 1:
@@ -170,6 +177,8 @@ def write_dataset(config: SimulationConfig, *, progress: Callable[[int, int], No
         settings.pop("edits")  # journeys: the settings of folders written before edits existed
     if config.edit_kinds is None:
         settings.pop("edit_kinds")  # every kind: as folders written before the option existed
+    if config.removal_devices == REMOVAL_DEVICES:
+        settings.pop("removal_devices")  # likewise
     _write_bytes(out / "simulation.json", (json.dumps(
         {"simulator_version": SIMULATOR_VERSION, "settings": settings, "mask_bits": MASK_BITS,
          "field_of_view_mm": FIELD_OF_VIEW_MM}, indent=2, sort_keys=True) + "\n").encode())
@@ -215,7 +224,8 @@ def _simulate_edits(job: tuple[SimulationConfig, int]) -> tuple[list[ImageRecord
     text_rng = np.random.default_rng(text_seq)
     pid = patient_id_for(config.seed, index)
     patient = sample_patient(rng, patient_id=pid)
-    prior, edits = sample_edits(patient, rng, text_rng, kinds=config.edit_kinds)
+    prior, edits = sample_edits(patient, rng, text_rng, kinds=config.edit_kinds,
+                                removal_devices=config.removal_devices)
     split = split_for(pid)
     prior_result = render_visit(patient, prior, config.size)
     prior_record = _write_image(config, patient, prior, index, 0, prior_result, split, text_rng)
