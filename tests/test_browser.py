@@ -129,11 +129,17 @@ def test_upload_generate_journey_and_exports(page, tmp_path):
         "new moderate left pleural effusion\nleft pleural effusion has resolved\nwithout support devices")
     page.locator("#chain").click()
     page.locator("#journey-gif a[download]").wait_for(timeout=GENERATE_S * 1000)
+    gif = Image.open(_download(page, page.locator("#journey-gif a[download]"), tmp_path))
+    assert gif.n_frames == 4  # the prior and three steps, as the server made them
     # The gallery and the GIF arrive in one update, but the gallery's thumbnails render after
     # the link: wait for them rather than counting at once.
-    sync_api.expect(page.locator("#timeline img")).to_have_count(4, timeout=30_000)  # the prior and three steps
-    gif = Image.open(_download(page, page.locator("#journey-gif a[download]"), tmp_path))
-    assert gif.n_frames == 4
+    timeline = page.locator("#timeline img")
+    try:
+        sync_api.expect(timeline).to_have_count(4, timeout=30_000)
+    except AssertionError:
+        page.screenshot(path=str(shots / "workstation-journey-failed.png"), full_page=True)
+        (shots / "timeline-failed.html").write_text(page.locator("#timeline").inner_html())
+        raise
     page.screenshot(path=str(shots / "workstation-journey.png"), full_page=True)
 
 
