@@ -10,6 +10,7 @@ Playwright is missing (``.ci/run`` installs Chromium).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -125,12 +126,17 @@ def test_upload_generate_journey_and_exports(page, tmp_path):
 
     page.get_by_role("tab", name="Journey").click()
     page.get_by_role("tab", name="Chained edits").click()
-    page.locator("#chain-text textarea").fill(
-        "new moderate left pleural effusion\nleft pleural effusion has resolved\nwithout support devices")
+    # The tab's textbox mounts with its two-line default after the click; filling it before that
+    # lands first would be overwritten, and the default 2-step chain would run (3 frames, not 4).
+    chain_box = page.locator("#chain-text textarea")
+    sync_api.expect(chain_box).to_have_value(re.compile("pleural effusion"), timeout=30_000)
+    chain = "new moderate left pleural effusion\nleft pleural effusion has resolved\nwithout support devices"
+    chain_box.fill(chain)
+    sync_api.expect(chain_box).to_have_value(chain)
     page.locator("#chain").click()
     page.locator("#journey-gif a[download]").wait_for(timeout=GENERATE_S * 1000)
     gif = Image.open(_download(page, page.locator("#journey-gif a[download]"), tmp_path))
-    assert gif.n_frames == 4  # the prior and three steps, as the server made them
+    assert gif.n_frames == 4, f"{gif.n_frames} frames: the chain ran {gif.n_frames - 1} steps, not the 3 typed"
     # The gallery and the GIF arrive in one update, but the gallery's thumbnails render after
     # the link: wait for them rather than counting at once.
     timeline = page.locator("#timeline img")
