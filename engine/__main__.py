@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from engine.errors import InputError
@@ -39,7 +40,11 @@ def _parser() -> argparse.ArgumentParser:
                     "under --target-prompt with prompt-to-prompt control, on any text-to-image model.",
     )
     edit.add_argument("input", help="prior radiograph: DICOM, PNG or JPEG")
-    edit.add_argument("--out", required=True, help="output PNG path")
+    edit.add_argument("--out", required=True,
+                      help="output file: .png (the image, provenance in its text chunks) or .dcm (a DICOM "
+                           "Secondary Capture, SYNTHETIC burned in, patient identifiers removed)")
+    edit.add_argument("--keep-identifiers", action="store_true",
+                      help=".dcm output: copy the input DICOM's patient and study identifiers (default: removed)")
     edit.add_argument("--method", default="instruct", choices=["instruct", "invert"])
     edit.add_argument("--instruction", default=None, help="instruct: progression description")
     edit.add_argument("--source-prompt", default=None, help="invert: a caption of the input")
@@ -201,10 +206,19 @@ def _read_mask(path: str):
             ) from exc
 
 
+OUTPUT_SUFFIXES = (".png", ".dcm")
+"""What ``edit --out`` writes: a PNG with provenance, or a DICOM Secondary Capture."""
+
+
 def _edit(args: argparse.Namespace) -> dict:
     import engine
     from engine.io import read_xray, write_png
 
+    suffix = Path(args.out).suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise InputError(f"--out must end in .png (image) or .dcm (DICOM Secondary Capture), not {args.out!r}")
+    if args.keep_identifiers and suffix != ".dcm":
+        raise InputError("--keep-identifiers applies to .dcm output only (a PNG carries no patient identifiers)")
     xray = read_xray(args.input)
     request = _request(args)
     regions = _regions(args, xray.pixels)
@@ -220,12 +234,21 @@ def _edit(args: argparse.Namespace) -> dict:
         provenance = result.provenance()
         provenance["edit_score_note"] = note
     provenance["input"] = xray.meta.public_dict()
-    write_png(
-        args.out,
-        result.image_input,
-        bits=args.bits,
-        text={"Comment": provenance["notice"], "cxr-journey": json.dumps(provenance)},
-    )
+    if suffix == ".dcm":
+        from engine.export import write_dicom
+
+        label = (f"instruction: {result.instruction_applied}" if args.method == "instruct"
+                 else f"inversion: {result.request.source_prompt} -> {result.request.target_prompt}")
+        write_dicom(args.out, result.image_input, source=xray.meta, instruction=label, provenance=provenance,
+                    keep_identifiers=args.keep_identifiers,
+                    patient_name=xray.meta.patient_name if args.keep_identifiers else None)
+    else:
+        write_png(
+            args.out,
+            result.image_input,
+            bits=args.bits,
+            text={"Comment": provenance["notice"], "cxr-journey": json.dumps(provenance)},
+        )
     provenance["output"] = str(args.out)
     return provenance
 

@@ -45,6 +45,27 @@ def test_edit_is_reproducible_and_16_bit(tiny_model, rg1_dicom, tmp_path, capsys
     assert Image.open(tmp_path / "a.png").mode.startswith("I")
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_edit_to_dicom_is_a_synthetic_secondary_capture(keep, tiny_model, rg1_dicom, tmp_path, capsys):
+    import pydicom
+
+    out = tmp_path / "cf.dcm"
+    args = ["edit", str(rg1_dicom), "--instruction", "new right pleural effusion", "--out", str(out),
+            "--model", str(tiny_model), "--seed", "3", "--steps", "2", "--device", "cpu"]
+    assert main([*args, "--keep-identifiers"] if keep else args) == 0
+    record = json.loads(capsys.readouterr().out)
+    ds = pydicom.dcmread(out)
+    source = pydicom.dcmread(rg1_dicom, stop_before_pixels=True)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and ds.BurnedInAnnotation == "YES"
+    assert "new right pleural effusion" in ds.DerivationDescription and record["model_hash"][:12] in ds.DerivationDescription
+    assert ds.pixel_array.shape == read_xray(rg1_dicom).pixels.shape
+    if keep:
+        assert (ds.PatientID, str(ds.PatientName)) == (source.PatientID, str(source.PatientName))
+    else:  # the default: nothing of the patient's header
+        assert ds.PatientID == "ANON" and source.PatientID not in ds.to_json()
+        assert str(source.PatientName) not in ds.to_json() and ds.PatientIdentityRemoved == "YES"
+
+
 def test_info_prints_the_card(tiny_model, capsys):
     assert main(["info", "--model", str(tiny_model)]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -55,7 +76,7 @@ def test_info_prints_the_card(tiny_model, capsys):
 @pytest.mark.parametrize(
     "case",
     ["text_as_png", "missing_input", "missing_model", "empty_instruction", "bad_severity", "bad_out_dir",
-     "bad_detail_threshold", "zero_detail_threshold"],
+     "bad_detail_threshold", "zero_detail_threshold", "jpeg_out", "identifiers_in_png"],
 )
 def test_bad_input_exits_2_with_one_line(case, tiny_model, rg1_dicom, tmp_path, capsys):
     fake = tmp_path / "notes.png"
@@ -77,6 +98,10 @@ def test_bad_input_exits_2_with_one_line(case, tiny_model, rg1_dicom, tmp_path, 
                                  "--model", str(tiny_model), "--detail-threshold", "fine"],
         "zero_detail_threshold": ["edit", str(rg1_dicom), "--instruction", "edema", "--out", str(tmp_path / "o.png"),
                                   "--model", str(tiny_model), "--detail-threshold", "0"],
+        "jpeg_out": ["edit", str(rg1_dicom), "--instruction", "edema", "--out", str(tmp_path / "o.jpg"),
+                     "--model", str(tiny_model)],
+        "identifiers_in_png": ["edit", str(rg1_dicom), "--instruction", "edema", "--out", str(tmp_path / "o.png"),
+                               "--model", str(tiny_model), "--keep-identifiers"],
     }[case]
     if case == "bad_severity":  # argparse's own error path
         with pytest.raises(SystemExit) as exc:
@@ -87,7 +112,7 @@ def test_bad_input_exits_2_with_one_line(case, tiny_model, rg1_dicom, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
-    assert not (tmp_path / "o.png").exists()
+    assert not (tmp_path / "o.png").exists() and not (tmp_path / "o.jpg").exists()
 
 
 def test_detail_threshold_reaches_the_request_of_either_method():
