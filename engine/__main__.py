@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument("--keep-structure", default=None, help="structure that must not change, e.g. heart")
     edit.add_argument("--edit-score", default="none",
                       help="invert: CLIP folder or open_clip name for the edit score, auto, or none")
-    edit.add_argument("--bits", type=int, default=8, choices=[8, 16], help="PNG bit depth")
+    edit.add_argument("--bits", type=int, default=8, choices=[8, 16], help="PNG bit depth (a .dcm output is always 12-bit)")
     edit.add_argument("--device", default="auto", help="auto, cpu or cuda")
     edit.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
 

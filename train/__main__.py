@@ -69,6 +69,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from train.simulator.edits import REMOVAL_DEVICES
     from train.simulator.writer import SimulationConfig, write_dataset
 
     out: Path = args.out
@@ -81,15 +82,16 @@ def _run_simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         if not args.edits:
             parser.error("--edit-kinds needs --edits")
         edit_kinds = tuple(k.strip() for k in args.edit_kinds.split(",") if k.strip())
-    extra = {}
+    removal_devices = REMOVAL_DEVICES
     if args.removal_devices is not None:
         if not args.edits:
             parser.error("--removal-devices needs --edits")
-        extra["removal_devices"] = tuple(k.strip() for k in args.removal_devices.split(",") if k.strip())
+        removal_devices = tuple(k.strip() for k in args.removal_devices.split(",") if k.strip())
     try:
         config = SimulationConfig(out=str(out), patients=args.patients, visits=args.visits, size=args.size,
                                   seed=args.seed, dicom=args.dicom, bits=args.bits, workers=args.workers,
-                                  edits=args.edits, edit_kinds=edit_kinds, **extra)
+                                  edits=args.edits, edit_kinds=edit_kinds,
+                                  removal_devices=removal_devices)
     except ValueError as exc:
         parser.error(str(exc))
 

@@ -78,21 +78,21 @@ prior already had one (3 % and 6 % of the removals of ``data/sim-devices31``);
 ``removal_devices`` widens the draw."""
 
 
+def _distinct_names(names: tuple[str, ...], allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """``names`` if it is a non-empty tuple of distinct ``allowed`` names; ValueError otherwise."""
+    if not names or any(n not in allowed for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"{what} must be distinct names among {', '.join(allowed)}; got {', '.join(names) or 'none'}")
+    return names
+
+
 def check_removal_devices(kinds: tuple[str, ...]) -> tuple[str, ...]:
     """``kinds`` if it is a non-empty tuple of distinct ``DEVICE_KINDS``; ValueError otherwise."""
-    unknown = [k for k in kinds if k not in DEVICE_KINDS]
-    if not kinds or unknown or len(set(kinds)) != len(kinds):
-        raise ValueError(f"removal devices must be distinct names among {', '.join(DEVICE_KINDS)}; "
-                         f"got {', '.join(kinds) or 'none'}")
-    return kinds
+    return _distinct_names(kinds, DEVICE_KINDS, "removal devices")
 
 
 def check_edit_kinds(kinds: tuple[str, ...]) -> tuple[str, ...]:
     """``kinds`` if it is a non-empty tuple of distinct ``EDIT_KINDS``; ValueError otherwise."""
-    unknown = [k for k in kinds if k not in EDIT_KINDS]
-    if not kinds or unknown or len(set(kinds)) != len(kinds):
-        raise ValueError(f"edit kinds must be distinct names among {', '.join(EDIT_KINDS)}; got {', '.join(kinds) or 'none'}")
-    return kinds
+    return _distinct_names(kinds, EDIT_KINDS, "edit kinds")
 
 
 def _value(grade: str, rng: np.random.Generator) -> float:

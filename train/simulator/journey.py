@@ -166,7 +166,7 @@ def _evolve(name: str, sev: Severity | None, rng: np.random.Generator, *, has_ch
 def _device(kind: str, rng: np.random.Generator, side: str | None = None) -> Device:
     if side is None and kind in ("cvc", "chest_tube"):
         side = str(rng.choice(("right", "left"), p=(0.7, 0.3) if kind == "cvc" else (0.5, 0.5)))
-    elif side is None and kind in ("pacemaker", "icd"):  # the generator pocket, as journeys draw it
+    elif side is None and kind in ("pacemaker", "icd"):  # the generator pocket, mostly left
         side = "left" if rng.random() < 0.85 else "right"
     return Device(kind, side=side, seed=int(rng.integers(0, 2**31 - 1)))
 
@@ -227,8 +227,7 @@ def sample_visit(patient: Patient, rng: np.random.Generator, previous: Visit | N
             permanent.append(Device("sternal_wires", seed=int(rng.integers(0, 2**31 - 1))))
         if rng.random() < 0.12 * old:
             kind = "icd" if rng.random() < 0.35 else "pacemaker"
-            permanent.append(Device(kind, side="left" if rng.random() < 0.85 else "right",
-                                    seed=int(rng.integers(0, 2**31 - 1))))
+            permanent.append(_device(kind, rng))
         devices = _update_devices(tuple(permanent), findings, rng, inpatient=inpatient, first=True)
         year = int(rng.integers(2008, 2023))
         date = dt.date(year, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365)))
