@@ -45,8 +45,8 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "sd15_graphs": [*BENCH, "--arch", "sd15", "--res", "256", "512", "--steps", "20", "--batch", "1", "6",
                         "--cuda-graphs"],
         "bundled": [*BENCH, "--method", "instruct", "--batch", "1", "6", "--compare", "diffusers"],
-        "inversions": [sys.executable, "benchmarks/bench_invert.py", "--device", "cuda", "--steps", "50",
-                       "--repeats", "3"],
+        "inversions": [sys.executable, "benchmarks/bench_invert.py", "--arch", "sd15", "--res", "512", "--device", "cuda",
+                       "--steps", "50", "--repeats", "3"],
         "train": [sys.executable, "benchmarks/bench_train.py", "--arch", "sd15", "--device", "cuda",
                   "--resolution", "256", "--batch", "32"],
     },
@@ -67,14 +67,18 @@ def table(name: str, data: object) -> str:
         where = (f"{env['device_name']}, {env['threads']} threads, torch {env['torch']}, diffusers "
                  f"{env['diffusers']}, commit {env['git_commit']}, load average {env['load_average_1min_start']} "
                  f"at start; `{env['command']}`")
+        if env.get("note"):
+            where += f"; {env['note']}"
         return format_table(data["rows"]) + f"\n\n{where}"
     if isinstance(data, dict) and "rows" in data:  # benchmarks/bench_invert.py
         lines = ["| inversion | seconds per edit | inversion (s) | editing (s) | cached |", "|---|---|---|---|---|"]
         for r in data["rows"]:
             lines.append(f"| {r['inversion']} | {r['seconds_per_edit']:.2f} | {r['invert_s']:.2f} | "
                          f"{r['edit_s']:.2f} | {'yes' if r['cached'] else 'no'} |")
-        where = (f"{data.get('gpu') or data['cpu']}, {data['threads']} threads, {data['dtype']}, "
-                 f"{data['resolution']} px, {data['steps']} DDIM steps, median of {data['repeats']}")
+        model = f"random {data['arch']} weights" if data.get("arch") else Path(str(data.get("model", "?"))).name
+        where = (f"{model}; {data.get('gpu') or data['cpu']}, {data['threads']} threads, {data['dtype']}, "
+                 f"{data['resolution']} px, {data['steps']} DDIM steps, median of {data['repeats']}"
+                 + (f"; {data['note']}" if data.get("note") else ""))
         return "\n".join(lines) + f"\n\n{where}"
     rows = list(data)  # benchmarks/bench_train.py
     lines = ["| stage | arch | params (M) | res | batch | ms per step | images/s | peak memory (MB) |",

@@ -333,8 +333,11 @@ def plain_invert_edit(eng: Any, canvas: Any, steps: int, guidance: float = TEXT_
     return from_model_range(images, eng.card.value_range).cpu().numpy()
 
 
-def sample_radiograph(resolution: int) -> Any:
-    """One simulated radiograph with support devices (train.simulator, fixed seed), ``(S, S)`` float32."""
+def sample_radiograph(resolution: int, devices: Sequence[Any] | None = None) -> Any:
+    """One simulated radiograph with support devices (train.simulator, fixed seed), ``(S, S)`` float32.
+
+    ``devices``: :class:`train.simulator.params.Device` entries (default: an ETT and a right CVC).
+    """
     import numpy as np
 
     from train.simulator import Findings, Nuisance, render, sample_patient
@@ -342,7 +345,8 @@ def sample_radiograph(resolution: int) -> Any:
 
     import torch
 
-    devices = (Device("ett", seed=1), Device("cvc", side="right", seed=2))
+    if devices is None:
+        devices = (Device("ett", seed=1), Device("cvc", side="right", seed=2))
     size = max(resolution, 128)  # the simulator's smallest canvas; tiny test models get it scaled down
     image = render(sample_patient(np.random.default_rng(0)), Findings(), Nuisance(), devices=devices,
                    size=size, noise_seed=0).image.astype(np.float32)
