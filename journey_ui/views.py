@@ -15,7 +15,8 @@ DISPLAY_MIN_SIDE = 384
 """Images smaller than this (the 256 px model canvas) are enlarged for display."""
 
 SYNTHETIC_BANNER = "SYNTHETIC - research only"
-ACQUIRED_BANNER = "ACQUIRED (input)"
+ACQUIRED_BANNER = "ACQUIRED"
+"""On every acquired image: the input, a series' studies, the registered real follow-up."""
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -66,7 +67,7 @@ def mark_synthetic(image: np.ndarray, caption: str | None = None) -> np.ndarray:
 
 
 def mark_acquired(image: np.ndarray, caption: str | None = None) -> np.ndarray:
-    """Marks an input (acquired, not generated) image with a neutral banner; RGB uint8."""
+    """Marks an acquired (not generated) image with a neutral banner; RGB uint8."""
     return banner(image, ACQUIRED_BANNER, colour=(40, 70, 110), caption=caption)
 
 

@@ -28,7 +28,7 @@ SINGLE = {  # image id -> example file name (what the image shows)
     "sim7-000014-v01": "sim_devices_cardiomegaly.png",         # ETT, NG tube, CVC, ECG leads
     "sim7-000009-v00": "sim_right_effusion.png",               # right effusion, cardiomegaly
 }
-SERIES = "sim7-000005"  # atelectasis improving, then a right effusion appears and grows
+SERIES = "sim7-000076"  # a small right effusion appears (the series tab's default), lines removed, it grows
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 
 
