@@ -129,14 +129,16 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
         from engine.analyse import Analyst
 
         analyst = Analyst(device=eng.device.type)
-    ws = Workstation(eng, analyst)
+    ws = Workstation(eng, analyst, shared_files=[*example_files(), *series_example()])
     limit = concurrency or int(os.environ.get("CXR_CONCURRENCY", "1"))
     heavy = {"concurrency_id": GPU_QUEUE, "concurrency_limit": limit}
     findings = ws.findings
     structures = ws.structures
 
     # -- callbacks: unpack results into components --------------------------------------------
-    def show_result(result: EditResult, session: Session) -> list[Any]:
+    def show_result(result: EditResult, session: Session, seed_given: Any = None) -> list[Any]:
+        """The edit panels' values. An inversion edit uses no seed: the seed box then shows
+        ``seed_given`` (what the user had), or stays as it is, rather than going blank."""
         a = result.analysis
         v = session.view_file
         cf_view = views.mark_synthetic(result.image) if result.synthetic else views.mark_acquired(result.image)
@@ -158,7 +160,8 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
         return [
             v(views.mark_acquired(result.prior)), v(cf_view), v(delta_view), v(attention), v(segmentation), probs,
             metrics,
-            record.get("instruction_applied") or result.label, record.get("seed"),
+            record.get("instruction_applied") or result.label,
+            next(v for v in (record.get("seed"), seed_given, gr.update()) if v is not None),
             json.dumps(record, indent=2), gr.update(value=a.finding if a is not None else None),
         ]
 
@@ -185,7 +188,7 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                 m = a.metrics()
                 rows.append([r.method, r.label, m.get("change_inside"), m.get("change_outside"),
                              m.get("dice_mean"), m.get("finding"), views.finding_change(m)])
-        shown = show_result(session.result, session)
+        shown = show_result(session.result, session, seed)
         return [*shown, gr.update(value=gallery, visible=bool(compare)), gr.update(value=rows, visible=bool(compare)),
                 session]
 
@@ -196,6 +199,12 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
     def load(path, session):
         image, read, meta, session = ws.load(path, session)
         return session.view_file(image), read, meta, gr.update(value=image), session
+
+    def needs_image(session):
+        ws.require("image", session)
+
+    def needs_series(session):
+        ws.require("series", session)
 
     def ladder(session, finding, steps, text_g, image_g, seed, progress=gr.Progress()):
         session = ws.session(session)
@@ -382,7 +391,8 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
         method.change(method_switch, method, [instruct_box, invert_box, image_g], api_name=False)
         for control in (instruction, severity):
             control.change(ws.preview_instruction, [instruction, severity], applied_preview, api_name=False)
-        go.click(
+        # A pre-check with no outputs first: "load a radiograph first" then leaves the panels as they were.
+        go.click(_handler(needs_image), session, None, api_name=False).success(
             _gpu(_handler(generate)),
             [session, compare, method, instruction, severity, source, target, inversion, word_weight, local_blend,
              steps, text_g, image_g, seed, random_seed, editor, region_structure],
@@ -398,14 +408,20 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
         prov_btn.click(_handler(lambda s: [ws.export_provenance(ws.session(s))]), session, exported,
                        api_name="export_provenance")
         journey_out = [timeline, frame_slider, frame_view, journey_gif, series_metrics, session]
-        ladder_btn.click(_gpu(_handler(ladder)), [session, ladder_finding, j_steps, j_text_g, j_image_g, j_seed],
-                         journey_out, api_name="ladder", **heavy)
-        chain_btn.click(_gpu(_handler(chain)), [session, chain_text, j_steps, j_text_g, j_image_g, j_seed],
-                        journey_out, api_name="chain", **heavy)
+        ladder_btn.click(_handler(needs_image), session, None, api_name=False).success(
+            _gpu(_handler(ladder)), [session, ladder_finding, j_steps, j_text_g, j_image_g, j_seed], journey_out,
+            api_name="ladder", **heavy,
+        )
+        chain_btn.click(_handler(needs_image), session, None, api_name=False).success(
+            _gpu(_handler(chain)), [session, chain_text, j_steps, j_text_g, j_image_g, j_seed], journey_out,
+            api_name="chain", **heavy,
+        )
         series_btn_load.click(_handler(load_series), [series_files, session], [timeline, series_prior, session],
                               api_name="load_series")
-        series_btn.click(_gpu(_handler(series_step)),
-                         [session, series_prior, series_instruction, series_severity, j_steps, j_text_g, j_image_g,
-                          j_seed], journey_out, api_name="series_step", **heavy)
+        series_btn.click(_handler(needs_series), session, None, api_name=False).success(
+            _gpu(_handler(series_step)),
+            [session, series_prior, series_instruction, series_severity, j_steps, j_text_g, j_image_g, j_seed],
+            journey_out, api_name="series_step", **heavy,
+        )
         frame_slider.input(pick_frame, [session, frame_slider], frame_view, api_name=False)
     return demo

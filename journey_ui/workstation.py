@@ -12,6 +12,7 @@ anything the user can fix; the Gradio layer shows it and the app keeps serving.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -171,6 +172,15 @@ def _in_upload_cache(path: Path) -> bool:
     return cache is not None and cache in path.parents
 
 
+def _content_key(path: Path) -> tuple[int, str]:
+    """(size, sha256) of a file: what decides whether two files are the same example."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return path.stat().st_size, digest.hexdigest()
+
+
 def _remove_if_empty(folder: Path) -> None:
     try:
         folder.rmdir()
@@ -274,11 +284,17 @@ class Workstation:
     Args:
         eng: a loaded :class:`engine.Engine`.
         analyst: an :class:`engine.analyse.Analyst` (classifier, segmenter), or None for none.
+        shared_files: files every user may load (the app's examples). Gradio keeps one cached
+            copy of each, named by its content, for all sessions; an upload with the same
+            content lands on that same copy. Such a file is never deleted at session end:
+            deleting it broke the example for every later user (and, since Gradio keeps its
+            cache across restarts, after a restart too).
     """
 
-    def __init__(self, eng: Any, analyst: Any = None) -> None:
+    def __init__(self, eng: Any, analyst: Any = None, shared_files: Sequence[str | Path] = ()) -> None:
         self.eng = eng
         self.analyst = analyst
+        self._shared = {_content_key(Path(f)) for f in shared_files}
 
     # -- shared facts -----------------------------------------------------------------------
     @property
@@ -324,7 +340,7 @@ class Workstation:
         if not path:
             session.xray = None
             return None, "", {}, session
-        session.remember_upload(path)
+        self._remember(session, path)
         xray = read_xray(path)
         session.xray, session.result, session.compare = xray, None, []
         self.eng.warm_prior(xray)  # the first edit then skips the VAE encode (and a change model's prior decode)
@@ -495,7 +511,7 @@ class Workstation:
         if len(paths) > MAX_SERIES:
             raise InputError(f"A series has at most {MAX_SERIES} studies; you gave {len(paths)}")
         for p in paths:
-            session.remember_upload(p)
+            self._remember(session, p)
         xrays = order_series([read_xray(p) for p in paths])
         if len(xrays) < 2:
             raise InputError("A series needs at least two studies to compare a counterfactual with a follow-up")
@@ -517,8 +533,7 @@ class Workstation:
         """Counterfactual of study ``prior_index`` for the next study's change, compared with the
         real, registered follow-up. Returns the frames and the comparison."""
         self._need_instruct()
-        if len(session.series) < 2:
-            raise InputError("Load a patient's series first (two or more studies)")
+        self.require("series", session)
         i = int(prior_index)
         if not 0 <= i < len(session.series) - 1:
             raise InputError(f"Pick a prior from study 1 to {len(session.series) - 1}: the next study is the follow-up")
@@ -613,9 +628,34 @@ class Workstation:
         return str(path)
 
     # -- helpers -----------------------------------------------------------------------------------
+    def _remember(self, session: Session, path: str | Path) -> None:
+        """Records an upload for deletion at session end, unless it is a shared file's cached copy."""
+        try:  # hash only a file the size of a shared one
+            shared = (Path(path).stat().st_size in {size for size, _ in self._shared}
+                      and _content_key(Path(path)) in self._shared)
+        except OSError:  # unreadable: read_xray says so next
+            shared = False
+        if not shared:
+            session.remember_upload(path)
+
     @staticmethod
     def _stamp() -> str:
         return time.strftime("%Y%m%d-%H%M%S") + f"-{int(time.time() * 1000) % 1000:03d}"
+
+    def require(self, what: str, session: Session | None) -> None:
+        """Raises the readable error for a missing ``what`` (``image``, ``series``), doing no work.
+
+        The UI runs this before a heavy event, so a click with nothing loaded shows one message
+        and leaves the result panels (and the seed) as they were instead of marking them failed.
+        """
+        session = self.session(session)
+        if what == "image":
+            self._need_xray(session)
+        elif what == "series":
+            if len(session.series) < 2:
+                raise InputError("Load a patient's series first (two or more studies)")
+        else:
+            raise ValueError(f"nothing called {what!r} can be required")
 
     @staticmethod
     def _need_xray(session: Session) -> XRay:

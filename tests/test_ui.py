@@ -210,6 +210,57 @@ def test_edit_without_a_radiograph_is_a_plain_error(ws):
     s.close()
 
 
+def test_examples_cached_copy_survives_the_session_that_loaded_it(tiny_engine, rg1_dicom):
+    """Gradio keeps one cached copy of each example for every user; a session's end must not
+    delete it (it did: the next user clicking RG1_UNCR.dcm got 'File not found'). A user's own
+    upload in the cache still goes."""
+    from gradio.utils import get_upload_folder
+
+    cache = Path(get_upload_folder())
+    example_copy = cache / "test-example-hash" / "RG1_UNCR.dcm"  # where Gradio caches an example
+    example_copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(rg1_dicom, example_copy)
+    own = cache / "test-own-upload-hash" / "sim_normal.png"
+    own.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(example_files()[0], own)
+    ws = Workstation(tiny_engine, None, shared_files=[rg1_dicom])
+    for path in (example_copy, own):
+        s = Session()
+        ws.load(str(path), s)
+        close_session(s)
+    assert example_copy.is_file() and not own.exists()
+    s = Session()
+    ws.load(str(example_copy), s)  # the next user
+    close_session(s)
+    shutil.rmtree(example_copy.parent)
+
+
+def test_require_names_what_is_missing_without_doing_work(ws):
+    s = Session()
+    with pytest.raises(InputError, match="Load a radiograph first"):
+        ws.require("image", s)
+    with pytest.raises(InputError, match="Load a patient's series first"):
+        ws.require("series", None)
+    ws.load(example_files()[0], s)
+    ws.require("image", s)
+    with pytest.raises(ValueError):
+        ws.require("model", s)
+    s.close()
+
+
+def test_heavy_buttons_check_first_so_a_missing_image_leaves_the_panels_alone(served):
+    """Each heavy event runs only after an output-less pre-check succeeded: an error in the
+    pre-check is a message, not every result panel (and the seed) marked failed."""
+    deps = served.config["dependencies"]
+    for name in ("generate", "ladder", "chain", "series_step"):
+        (event,) = [d for d in deps if d.get("api_name") == name]
+        assert event["trigger_only_on_success"] and event["trigger_after"] is not None, name
+        check = deps[event["trigger_after"]]
+        assert check["outputs"] == [] and check["targets"][0][1] == "click", name
+        # off the queue (queue=False) Gradio 6.31 showed no message for the pre-check's error (seen in Chromium)
+        assert check["queue"] is not False, name
+
+
 # -- the journey tab -------------------------------------------------------------------------------
 def test_ladder_is_one_batch_around_the_current_image(ws, session, monkeypatch):
     calls = []
@@ -348,6 +399,19 @@ def test_served_upload_generate_export_round_trip(served, rg1_dicom, tmp_path):
     assert all(Path(p).is_file() for p in (prior, cf, delta, attention, seg))
     files = client.predict(False, api_name="/export_dicom")
     assert pydicom.dcmread(files[0]).BurnedInAnnotation == "YES"
+
+
+def test_inversion_edit_leaves_the_seed_field_as_it_was(served, rg1_dicom):
+    """Inversion edits use no seed; the seed box kept the user's value instead of going blank."""
+    from gradio_client import Client, handle_file
+
+    client = Client(served.local_url, verbose=False)
+    client.predict(handle_file(str(rg1_dicom)), api_name="/load")
+    out = client.predict(False, METHODS[1], "", "none", "unchanged support devices", "without support devices",
+                         "direct", 2.0, "", 2, 7.5, 1.5, 5, False, None, "none", api_name="/generate")
+    record = json.loads(out[9])
+    assert record["method"].startswith("invert") and "seed is not used" in record["seed_note"]
+    assert out[8] == 5
 
 
 def test_bad_upload_is_a_readable_error_and_server_keeps_serving(served, tmp_path, rg1_dicom):
