@@ -12,6 +12,7 @@ anything the user can fix; the Gradio layer shows it and the app keeps serving.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -208,6 +209,35 @@ def target_structure(instruction: str, structures: Sequence[str]) -> str | None:
         if len(sides) == 1 and (side := sides.pop()) in ("left", "right"):
             name = f"{side}_lung"
             return name if name in structures else None
+    return None
+
+
+_FINDING_WORDS = (  # words of an instruction -> the classifier's (CheXpert) label
+    (re.compile(r"effusion", re.I), "Pleural Effusion"),
+    (re.compile(r"pneumothora", re.I), "Pneumothorax"),
+    (re.compile(r"cardiomegaly|cardiac silhouette|heart", re.I), "Cardiomegaly"),
+    (re.compile(r"o?edema", re.I), "Edema"),
+    (re.compile(r"consolidation|pneumonia", re.I), "Consolidation"),
+    (re.compile(r"atelecta", re.I), "Atelectasis"),
+    (re.compile(r"\b(devices?|lines?|tubes?|catheters?|pacemakers?|icds?|leads?|wires?)\b", re.I), "Support Devices"),
+)
+_UNCHANGED_CLAUSE = re.compile(r"\b(unchanged|stable|no (?:other )?(?:significant )?change)\b", re.I)
+
+
+def target_finding(instruction: str, findings: Sequence[str]) -> str | None:
+    """The classifier finding an instruction asks about, for the attention panel.
+
+    The first finding named in a clause that changes something ("new moderate right pleural
+    effusion; heart size unchanged" -> ``Pleural Effusion``; "without support devices" ->
+    ``Support Devices``); None when no changing clause names one the classifier reports (the
+    analysis then shows the finding whose probability changed most).
+    """
+    for clause in re.split(r"[;,.]|\band\b|->", instruction):
+        if _UNCHANGED_CLAUSE.search(clause):
+            continue
+        for pattern, name in _FINDING_WORDS:
+            if pattern.search(clause) and name in findings:
+                return name
     return None
 
 
@@ -419,7 +449,7 @@ class Workstation:
         else:
             raise InputError(f"Unknown method {method!r}; pick one of {', '.join(METHODS)}")
         progress(0.9, desc="Analysing")
-        result.analysis = self._analyse(result.prior, result.image, None, target_structure(hint, self.structures))
+        result.analysis = self._analyse_asked(result.prior, result.image, hint)
         session.result = result
         return result
 
@@ -450,6 +480,17 @@ class Workstation:
             structure = result.analysis.structure if result.analysis is not None else None
         result.analysis = self._analyse(result.prior, result.image, finding or None, structure)
         return result
+
+    def _analyse_asked(self, prior: np.ndarray, image: np.ndarray, instruction: str) -> Any:
+        """The analysis of an edit, focused on what ``instruction`` asks: attention for the finding
+        it names and change metrics for its structure (when it names them)."""
+        finding = target_finding(instruction, self.findings)
+        analysis = self._analyse(prior, image, finding, target_structure(instruction, self.structures))
+        if analysis is not None and finding in analysis.probabilities:
+            before, after = analysis.probabilities[finding]
+            note = f"Attention is shown for {finding}, the finding the instruction names: {before:.2f} -> {after:.2f}."
+            analysis = dataclasses.replace(analysis, notes=(*analysis.notes, note))
+        return analysis
 
     def _analyse(self, prior: np.ndarray, image: np.ndarray, finding: str | None, structure: str | None) -> Any:
         if self.analyst is None:
@@ -556,8 +597,7 @@ class Workstation:
         session.journey = frames
         session.result = EditResult("instruct", f"instruction: {cf.instruction_applied}", cf.prior, cf.image,
                                     cf.image_input, cf.provenance(),
-                                    self._analyse(cf.prior, cf.image, None,
-                                                  target_structure(cf.instruction_applied, self.structures)))
+                                    self._analyse_asked(cf.prior, cf.image, cf.instruction_applied))
         return frames, comparison
 
     # -- exports ---------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from engine.errors import InputError
 from journey_ui import views
 from journey_ui.app import example_files, series_example
 from journey_ui.workstation import (
-    METHODS, Session, Workstation, close_session, ladder_instructions, order_series, painted_mask, target_structure,
+    METHODS, Session, Workstation, close_session, ladder_instructions, order_series, painted_mask, target_finding,
+    target_structure,
 )
 
 SETTINGS = dict(steps=2, text_g=7.5, image_g=1.5, seed=3, random_seed=False)
@@ -89,6 +90,18 @@ def test_target_structure_follows_side_and_finding():
     assert target_structure("without support devices", names) is None
 
 
+def test_target_finding_is_the_first_changing_finding_named():
+    names = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion", "Pneumothorax",
+             "Support Devices"]
+    assert target_finding("new moderate right pleural effusion; heart size unchanged", names) == "Pleural Effusion"
+    assert target_finding("interval increase in cardiomegaly", names) == "Cardiomegaly"
+    assert target_finding("stable cardiomegaly and new right pneumothorax", names) == "Pneumothorax"
+    assert target_finding("without support devices", names) == "Support Devices"
+    assert target_finding("improving pulmonary edema", names) == "Edema"
+    assert target_finding("no change", names) is None
+    assert target_finding("new right pleural effusion", ["Cardiomegaly"]) is None  # not a finding it reports
+
+
 def test_ladder_runs_from_improved_to_deteriorated():
     rungs = ladder_instructions("right pleural effusion")
     assert [r[0] for r in rungs] == ["resolved", "improved", "current", "slight", "moderate", "large"]
@@ -139,6 +152,7 @@ def test_instruct_edit_is_synthetic_analysed_and_reproducible(ws, session):
     assert first.provenance["seed"] == 3 and first.image.shape == first.prior.shape
     a = first.analysis
     assert a.structure == "right_lung" and a.delta.shape == first.prior.shape
+    assert a.finding == "Pleural Effusion" and "the finding the instruction names" in " ".join(a.notes)
     assert set(a.probabilities) == set(ws.findings) and a.attention_rgb is not None
     again = ws.edit(session, *edit_args())
     np.testing.assert_array_equal(first.image, again.image)
