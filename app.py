@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     _limit_malloc_arenas()
     import engine
     from journey_ui import build
+    from journey_ui.app import CSS
 
     try:
         eng = engine.load(args.model, device=args.device, cuda_graphs=args.cuda_graphs)
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = build(eng, concurrency=args.concurrency)
     demo.queue(default_concurrency_limit=args.concurrency).launch(
         server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD, ssr_mode=False,
+        css=CSS,
     )
     return 0
 

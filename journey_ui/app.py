@@ -46,6 +46,14 @@ DISPLAY_MIN_SIDE = views.DISPLAY_MIN_SIDE
 mark_synthetic = views.mark_synthetic
 
 
+CSS = """
+/* Gallery captions sit over the thumbnail's bottom edge, where every frame's SYNTHETIC / ACQUIRED
+   banner is: put them at the top so the banner stays readable. */
+#timeline .caption-label, #compare-gallery .caption-label { top: var(--size-2); bottom: auto; }
+"""
+"""The workstation's style sheet (Gradio 6 takes it at ``launch(css=...)``)."""
+
+
 def example_files() -> list[str]:
     """Clickable examples: simulated cases shipped in ``assets/examples`` and the real CR chest
     ``RG1_UNCR.dcm`` (MONOCHROME1) from the pydicom-data package when installed."""
@@ -328,7 +336,7 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                         metrics = gr.Markdown(elem_id="metrics")
                 applied = gr.Textbox(label="Applied exactly as", interactive=False, elem_id="applied")
                 compare_gallery = gr.Gallery(format="png", object_fit="contain", label="Compare: instruction model, inversion edit, identity",
-                                             columns=6, visible=False, height=300)
+                                             columns=6, visible=False, height=300, elem_id="compare-gallery")
                 compare_table = gr.Dataframe(
                     headers=["method", "what", "change inside", "change outside", "anatomy Dice", "finding", "finding Δp"],
                     visible=False, interactive=False)
