@@ -317,8 +317,7 @@ class Workstation:
         shared_files: files every user may load (the app's examples). Gradio keeps one cached
             copy of each, named by its content, for all sessions; an upload with the same
             content lands on that same copy. Such a file is never deleted at session end:
-            deleting it broke the example for every later user (and, since Gradio keeps its
-            cache across restarts, after a restart too).
+            deleting it broke the example for every later user until the app restarted.
     """
 
     def __init__(self, eng: Any, analyst: Any = None, shared_files: Sequence[str | Path] = ()) -> None:
