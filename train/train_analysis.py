@@ -214,7 +214,11 @@ def train_analysis(kind: str, data: list[str], eval_data: str | None, out: str, 
         h_samples = _samples(Path(eval_data))
         held = _load(h_samples, resolution, kind, targets)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    if steps >= 4:  # warm-up of 5 % (at least two steps: OneCycleLR divides by the warm-up's length)
+        sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps,
+                                                    pct_start=max(0.05, 2.0 / steps))
+    else:  # too short to warm up and anneal: the peak rate throughout
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     gen = torch.Generator().manual_seed(seed)
     images_dev, target_dev = images.to(dev), target.to(dev)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -233,7 +237,7 @@ def train_analysis(kind: str, data: list[str], eval_data: str | None, out: str, 
         optimizer.step()
         sched.step()
         if step % log_every == 0 or step == steps:
-            log.info("%s step %d/%d loss %.4f (%.0f s)", kind, step, steps, float(loss), time.perf_counter() - t0)
+            log.info("%s step %d/%d loss %.4f (%.0f s)", kind, step, steps, loss.item(), time.perf_counter() - t0)
         if held is not None and eval_every and step % eval_every == 0 and step != steps:
             m = evaluate_net(net, kind, held[0], held[1], targets, config.input_range, dev)
             log.info("%s step %d held-out: %s", kind, step, json.dumps({k: round(v, 4) for k, v in m.items()}))
