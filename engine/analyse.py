@@ -315,11 +315,28 @@ class Analyst:
         model = self.segmenter
         return tuple(model.structures) if model is not None else ()
 
+    def simulated_only(self) -> list[str]:
+        """The loaded analysis networks whose cards list simulated training data only (the bundled
+        ones): their numbers on a real radiograph are out of distribution."""
+        names = []
+        for model in (self.classifier, self.segmenter):
+            data = getattr(getattr(model, "card", None), "training_data", None)
+            if data and all("simulat" in str(d.get("name", "")).lower() for d in data):
+                names.append(model.name)
+        return names
+
     def status(self) -> dict[str, str]:
         """Which classifier and segmenter are in use, or why not, in plain words (loads them)."""
         for kind in ("classifier", "segmenter"):
             self._model(kind)
         return {kind: self._status[kind] for kind in ("classifier", "segmenter")}
+
+    def _simulated_note(self) -> tuple[str, ...]:
+        names = self.simulated_only()
+        if not names:
+            return ()
+        return (f"{' and '.join(names)} {'were' if len(names) > 1 else 'was'} trained on simulated radiographs "
+                "only: on a real radiograph the probabilities, attention, anatomy and ratios are not reliable.",)
 
     # -- checks --------------------------------------------------------------------------------
 
@@ -423,7 +440,8 @@ class Analyst:
             attention_rgb=attention_rgb, attention_prior_rgb=attention_prior_rgb,
             segmentation_rgb=segmentation_rgb, probabilities=probabilities, dice=dice,
             structure=structure_name, change_inside=change_inside, change_outside=change_outside,
-            change_fraction_inside=change_fraction, cardiothoracic_ratio=ctr, notes=tuple(notes),
+            change_fraction_inside=change_fraction, cardiothoracic_ratio=ctr,
+            notes=tuple(notes) + self._simulated_note(),
         )
 
     def _classify(self, classifier: Classifier, prior: np.ndarray, counterfactual: np.ndarray,

@@ -488,7 +488,7 @@ class Workstation:
         if analysis is not None and finding in analysis.probabilities:
             before, after = analysis.probabilities[finding]
             note = f"Attention is shown for {finding}, the finding the instruction names: {before:.2f} -> {after:.2f}."
-            analysis = dataclasses.replace(analysis, notes=(*analysis.notes, note))
+            analysis = dataclasses.replace(analysis, notes=(note, *analysis.notes))
         return analysis
 
     def _analyse(self, prior: np.ndarray, image: np.ndarray, finding: str | None, structure: str | None) -> Any:

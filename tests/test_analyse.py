@@ -186,6 +186,14 @@ def test_loaded_models_are_taken_as_they_are_and_grad_cam_works_under_no_grad(pr
         assert r.finding == "Pleural Effusion" and set(r.dice) == {"right_lung", "heart"}
         np.testing.assert_array_equal(r.attention_rgb, reference.attention_rgb)
     assert r.attention_rgb.shape == (SIZE, SIZE, 3) and r.attention_rgb.dtype == np.uint8
+    assert a.simulated_only() == [] and not any("simulated" in n for n in r.notes)  # their cards name no data
+
+
+def test_bundled_models_say_they_know_simulated_radiographs_only(analyst, prior):
+    """The bundled networks never saw a real radiograph: every analysis says so beside its numbers."""
+    assert analyst.simulated_only() == ["cxr-classifier-mini", "cxr-segmenter-mini"]
+    r = analyst.analyse(prior, prior)
+    assert any("trained on simulated radiographs only" in n and "not reliable" in n for n in r.notes)
 
 
 def test_compare_followup_registers_a_shifted_followup(analyst, prior, blob_edit):
