@@ -169,7 +169,7 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
             v(views.mark_acquired(result.prior)), v(cf_view), v(delta_view), v(attention), v(segmentation), probs,
             metrics,
             record.get("instruction_applied") or result.label,
-            next(v for v in (record.get("seed"), seed_given, gr.update()) if v is not None),
+            next(s for s in (record.get("seed"), seed_given, gr.update()) if s is not None),
             json.dumps(record, indent=2), gr.update(value=a.finding if a is not None else None),
         ]
 
