@@ -109,7 +109,7 @@ def _run_simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 def _trainer_commands() -> dict[str, tuple[Callable, Callable]]:
-    from train import evaluate, export, fit, prepare, train_analysis
+    from train import autoencoder, evaluate, export, fit, prepare, train_analysis
 
     return {
         "prepare": (prepare.add_parser, lambda args, parser: prepare.run(args)),
@@ -118,6 +118,7 @@ def _trainer_commands() -> dict[str, tuple[Callable, Callable]]:
         "export": (export.add_parser, lambda args, parser: export.run(args)),
         "evaluate": (evaluate.add_parser, lambda args, parser: evaluate.run(args)),
         "analysis": (train_analysis.add_parser, lambda args, parser: train_analysis.run(args)),
+        "convert-autoencoder": (autoencoder.add_parser, lambda args, parser: autoencoder.run(args)),
     }
 
 

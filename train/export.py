@@ -164,7 +164,8 @@ def export_run(
     try:
         save_model(out, card=card, vae=models.vae, unet=models.unet,
                    scheduler=DDIMScheduler.from_config(models.scheduler_config),
-                   text_projection=models.projection, text_encoder_folder=encoder_folder, overwrite=overwrite)
+                   text_projection=models.projection, text_encoder_folder=encoder_folder,
+                   vae_files=models.vae_notices, overwrite=overwrite)
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
