@@ -21,11 +21,14 @@ units) apply at any resolution. Nothing here imports torch.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import SimpleITK as sitk
+
+from engine.analysis.metrics import pearson
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +113,16 @@ def _image(array: np.ndarray) -> sitk.Image:
 
 
 def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """Normalised cross-correlation (Pearson's r) of two images over ``mask``.
+    """Normalised cross-correlation (Pearson's r, :func:`engine.analysis.metrics.pearson`) of two
+    images over ``mask``.
 
-    Returns 0 when either image is constant over the mask.
+    Returns 0 when either image is constant over the mask (or the mask holds under two pixels):
+    a registration that leaves nothing to correlate scores as no relation.
     """
     if mask is not None:
         a, b = a[mask], b[mask]
-    a = a.astype(np.float64).ravel() - a.mean()
-    b = b.astype(np.float64).ravel() - b.mean()
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 0 else 0.0
+    r = pearson(a, b)
+    return 0.0 if math.isnan(r) else r
 
 
 def resample(moving: np.ndarray, result: RegistrationResult, shape: tuple[int, int] | None = None, fill: float = 0.0) -> np.ndarray:

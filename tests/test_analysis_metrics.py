@@ -132,6 +132,9 @@ def test_l1_and_psnr_inside_and_outside_a_region():
     assert metrics.psnr(a, b, region) == pytest.approx(10 * math.log10(1 / 0.25))  # 6.02 dB
     assert metrics.psnr(a, b) == pytest.approx(10 * math.log10(1 / (0.25 * 4 / 16)))
     assert metrics.psnr(a, b, ~region) == math.inf
+    with pytest.raises(InputError, match="at least 11x11"):  # SSIM's Gaussian window is 11x11
+        metrics.region_fidelity(b, a, region)
+    a, b, region = (np.kron(x, np.ones((4, 4), x.dtype)) for x in (a, b, region))  # the same on 16x16
     r = metrics.region_fidelity(b, a, region)
     assert r["psnr_out"] == math.inf and r["ssim_out"] < 1.0 and r["psnr_in"] == pytest.approx(6.0206, abs=1e-4)
 
