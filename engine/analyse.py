@@ -509,10 +509,10 @@ class Analyst:
         from engine.analysis.metrics import pearson, psnr, ssim
         from engine.io import to_square
 
-        # The trainer's registration (SimpleITK; no torch at import) is the one BiomedJourney-style
-        # pairs are registered with; imported here so that importing this module stays cheap.
+        # The registration the trainer filters its pairs with (SimpleITK; no torch at import);
+        # imported here so that importing this module stays cheap.
         try:
-            from train.registration import RegistrationParams, register, resample
+            from engine.registration import RegistrationParams, register, resample
         except ImportError as exc:
             raise InputError(f"Comparing with a follow-up needs SimpleITK: pip install SimpleITK ({exc})") from exc
 
