@@ -32,7 +32,8 @@ def main() -> int:
     from engine.autoencoder import autoencoder_class, value_range_of
     from engine.engine import from_model_range, to_model_range, to_vae_channels
     from engine.io import read_xray, to_square
-    from train.sources.hannover import load_hannover, patient_split
+    from train.manifest import REAL_FILM_FRACTIONS, split_for
+    from train.sources.hannover import load_hannover
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vae", nargs="+", required=True, help="vae/ folders (AutoencoderKL or TinyAutoencoder)")
@@ -46,7 +47,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    records = [r for r in load_hannover(args.data) if args.split == "all" or patient_split(r.patient_id) == args.split]
+    records = [r for r in load_hannover(args.data)
+               if args.split == "all" or split_for(r.patient_id, REAL_FILM_FRACTIONS) == args.split]
     records = records[: args.limit]
     rows = []
     for folder in args.vae:

@@ -92,6 +92,27 @@ def fresh_vae(arch: str, *, resolution: int, channels: int = 1):
     )
 
 
+def for_new_latents(unet, in_channels: int, out_channels: int):
+    """A UNet for another autoencoder's latents that keeps every weight that still fits.
+
+    ``conv_in`` and ``conv_out`` depend on the number of latent channels, so they start fresh
+    (seed the global RNG first; ``conv_out`` at zero, so the run starts predicting nothing);
+    everything between them (resnets, attention, the time embedding: what the model learned
+    about the text and where things are) is copied.
+    """
+    from diffusers import UNet2DConditionModel
+
+    config = dict(unet.config)
+    config.update(in_channels=in_channels, out_channels=out_channels)
+    new_unet = UNet2DConditionModel.from_config(config)
+    state = {k: v for k, v in unet.state_dict().items() if not k.startswith(("conv_in.", "conv_out."))}
+    missing, unexpected = new_unet.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) == {"conv_in.weight", "conv_in.bias", "conv_out.weight", "conv_out.bias"}
+    torch.nn.init.zeros_(new_unet.conv_out.weight)
+    torch.nn.init.zeros_(new_unet.conv_out.bias)
+    return new_unet
+
+
 def expand_conv_in(unet, in_channels: int):
     """InstructPix2Pix's trick: widen ``conv_in`` to ``in_channels``, new input channels zero.
 
@@ -236,6 +257,13 @@ def build_models(cfg: TrainConfig) -> Models:
             vae, unet, projection = init["vae"], init["unet"], init["projection"]
             spec, scheduler, scaling, value_range = init["spec"], init["scheduler"], init["scaling"], init["value_range"]
             encoder_folder = init["encoder_folder"]
+            if cfg.vae_from:  # the init model's UNet moved onto another autoencoder's latents
+                vae = _load_vae(cfg.vae_from)
+                scaling, value_range = float(vae.config.scaling_factor), value_range_of(vae)
+                if int(vae.config.latent_channels) != int(unet.config.out_channels):
+                    log.info("init_from %s with vae_from %s: conv_in/conv_out rebuilt for %d latent channels, "
+                             "every other UNet weight kept", cfg.init_from, cfg.vae_from, vae.config.latent_channels)
+                    unet = for_new_latents(unet, unet_inputs(vae), int(vae.config.latent_channels))
             in_channels = unet_inputs(vae)
             if method == "instruct":
                 if unet.config.in_channels > in_channels:
@@ -265,4 +293,4 @@ def build_models(cfg: TrainConfig) -> Models:
             projection = make_projection(encoder.width, cross, generator=torch.Generator().manual_seed(cfg.seed))
     vae.requires_grad_(False).eval()
     return Models(cfg.stage, method, vae, unet, projection, encoder, spec, scheduler, scaling, value_range,
-                  module_digest(vae), encoder_folder, vae_notices(cfg.init_from or cfg.vae_from))
+                  module_digest(vae), encoder_folder, vae_notices(cfg.vae_from or cfg.init_from))

@@ -55,24 +55,3 @@ def load_hannover(root: str | os.PathLike[str], *, require_files: bool = True) -
         ))
     return rank_studies(records, time_key=lambda r: r.extra["day"])
 
-
-# Patient-level split of the Hannover films for everything trained or measured on real films
-# (real-anatomy pairs, the segmenter's real lung masks, the classifier, the change model): a
-# fixed hash of the patient id, so it needs no file and never moves a patient between splits.
-SPLIT_SALT = "cxr-journey-real-v1"
-SPLIT_PERCENT = {"test": 30, "validate": 10}  # the rest trains
-
-
-def patient_split(patient_id: str) -> str:
-    """``"test"``, ``"validate"`` or ``"train"`` for a patient (30 % / 10 % / 60 % of patients).
-
-    On the 71 Hannover patients: 19 test (43 films), 6 validation (15 films), 46 training (185 films).
-    """
-    import hashlib
-
-    bucket = int(hashlib.sha256(f"{SPLIT_SALT}:{patient_id}".encode()).hexdigest()[:8], 16) % 100
-    if bucket < SPLIT_PERCENT["test"]:
-        return "test"
-    if bucket < SPLIT_PERCENT["test"] + SPLIT_PERCENT["validate"]:
-        return "validate"
-    return "train"
