@@ -232,3 +232,20 @@ def test_analysis_nets_learn_only_what_a_real_film_knows(tmp_path):
     assert metrics["real/heldout_images"] == 3  # one plain image per film
     card = json.loads((tmp_path / "seg" / "card.json").read_text())
     assert any("Hannover" in d["name"] for d in card["training_data"])
+
+
+def test_model_cards_attribute_the_films_and_masks_of_real_anatomy_pairs(tmp_path):
+    from train.export import training_data
+    from train.simulator.filmpairs import FilmPairsConfig, write_film_pairs
+
+    films, masks = _film_folder(tmp_path)
+    out = tmp_path / "real"
+    write_film_pairs(FilmPairsConfig(films=str(films), out=str(out), size=128, masks=str(masks), edits_per_film=1))
+    entries = training_data(out / "pairs.jsonl", "stage2", "CC0 (test films)")
+    assert entries[0]["name"].startswith("real films (films)") and entries[0]["license"] == "CC0 (test films)"
+    info = json.loads((out / "simulation.json").read_text())
+    info.update(film_source="hannover", mask_sources=["v7"])
+    (out / "simulation.json").write_text(json.dumps(info))
+    names = [e["name"] for e in training_data(out / "pairs.jsonl", "stage2", None)]
+    licences = [e["license"] for e in training_data(out / "pairs.jsonl", "stage2", None)]
+    assert names[0].startswith("hannover") and licences == ["CC BY 3.0", "CC BY 4.0"]

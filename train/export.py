@@ -45,12 +45,38 @@ def training_data(manifest: str | os.PathLike[str], stage: str, fallback_license
     entries = []
     for name in sorted(names):
         key = "simulated" if name in ("simulator", "simulated") else name
-        if key in SOURCES and SOURCES[key].license != "as given by the data owner":
+        if key == "real-anatomy":
+            entries.extend(real_anatomy_entries(path.parent, fallback_license))
+        elif key in SOURCES and SOURCES[key].license != "as given by the data owner":
             entries.append(SOURCES[key].card_entry())
         else:
             entries.append({"name": name, "license": fallback_license or "unknown (set data_license in the config)",
                             "attribution": ""})
     return tuple(entries)
+
+
+def real_anatomy_entries(folder: Path, fallback_license: str | None) -> list[dict[str, str]]:
+    """Card entries of a real-anatomy folder (``simulate --on-films``): the films' source, the lung
+    masks' source and the renderer, each with its licence."""
+    from train.sources import SOURCES
+    from train.sources.v7masks import ATTRIBUTION as V7_ATTRIBUTION
+    from train.sources.v7masks import LICENSE as V7_LICENSE
+
+    info_file = folder / "simulation.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    if info.get("film_source") == "hannover":
+        films = {**SOURCES["hannover"].card_entry(), "name": "hannover (real films of training patients, "
+                 "with the simulator's findings and devices rendered on them)"}
+    else:
+        films = {"name": f"real films ({info.get('settings', {}).get('films', folder.name)}) with rendered findings",
+                 "license": fallback_license or "unknown (set data_license in the config)", "attribution": ""}
+    entries = [films]
+    if "v7" in info.get("mask_sources", []):
+        entries.append({"name": "V7 Labs lung masks", "license": V7_LICENSE, "attribution": V7_ATTRIBUTION})
+    if "segmenter" in info.get("mask_sources", []):
+        entries.append({"name": "lung masks from the bundled segmenter (trained on V7 masks and simulated images)",
+                        "license": "MIT", "attribution": "CXR Journey"})
+    return entries
 
 
 @torch.no_grad()

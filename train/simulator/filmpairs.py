@@ -311,8 +311,12 @@ def write_film_pairs(config: FilmPairsConfig, *, progress: Callable[[int, int], 
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "workers")}
     settings["films"] = Path(config.films).name  # no local path of this machine in the folder
     settings["device_free"] = len(config.device_free)
-    _write_bytes(out / "simulation.json", (json.dumps({"kind": "real-anatomy pairs", "settings": settings,
-                                                       "mask_bits": MASK_BITS}, indent=2, sort_keys=True) + "\n").encode())
+    hannover = (Path(config.films) / "data.csv").is_file() and (Path(config.films) / "png").is_dir()
+    mask_sources = sorted({r["mask_source"] for r in rows if not r.get("skipped") and "mask_source" in r})
+    _write_bytes(out / "simulation.json", (json.dumps({
+        "kind": "real-anatomy pairs", "settings": settings, "mask_bits": MASK_BITS,
+        "film_source": "hannover" if hannover else "folder", "mask_sources": mask_sources,
+    }, indent=2, sort_keys=True) + "\n").encode())
     skipped = sum(1 for r in rows if r.get("skipped"))
     return FilmPairsSummary(films=len(rows) - skipped, skipped=skipped, images=len(images), pairs=len(pairs),
                             seconds=time.perf_counter() - start)
