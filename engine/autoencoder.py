@@ -27,6 +27,7 @@ trained on. :func:`convert_taesd_state_dict` turns the published ``*_encoder.pth
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -171,6 +172,50 @@ class TinyAutoencoder(ModelMixin, ConfigMixin):
         """Latents to ``(B, out_channels, H, W)`` images, nominally in [0, 1] (not clipped)."""
         image = self.decoder(z)
         return DecoderOutput(image) if return_dict else (image,)
+
+    @property
+    def _global_layers(self) -> int:
+        """Decoder layers whose output depends on the whole latent (through GroupNorm statistics):
+        the clamp, the first conv and ReLU and, when normed, the first stage's three blocks."""
+        return 3 + (3 if self.config.normed else 0)
+
+    @property
+    def region_margin(self) -> int:
+        """Latent pixels a decoded region needs around it to be exact: the receptive field of the
+        decoder's layers after :attr:`_global_layers` (each 3x3 conv reaches one pixel at its own
+        resolution: ten per stage after an upsampling, five in the last)."""
+        stages = int(self.config.downsampling_stages)
+        reach = 0.0
+        for stage in range(stages):
+            convs = 10 if stage < stages - 1 else 5
+            if stage == 0 and not self.config.normed:
+                convs += 9  # the first stage's blocks are local too
+            reach += convs / 2 ** (stage + 1)
+        return int(math.ceil(reach)) + 1
+
+    def decode_region(self, z: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+        """Decodes only the latent box ``(top, bottom, left, right)`` (end-exclusive) of ``z``.
+
+        The layers that see the whole latent run on all of it; the rest runs on the box grown by
+        :attr:`region_margin`, so the box's pixels equal the full decode's up to float rounding
+        at a fraction of the cost when the box is small (an edit's change is local).
+
+        Returns:
+            ``(B, out_channels, 8 * (bottom - top), 8 * (right - left))`` (for 8x downscaling).
+        """
+        top, bottom, left, right = box
+        h, w = z.shape[-2:]
+        m = self.region_margin
+        t, b, l, r = max(top - m, 0), min(bottom + m, h), max(left - m, 0), min(right + m, w)
+        x = z
+        layers = list(self.decoder)
+        for layer in layers[: self._global_layers]:
+            x = layer(x)
+        x = x[..., t:b, l:r]
+        for layer in layers[self._global_layers:]:
+            x = layer(x)
+        f = 2 ** int(self.config.downsampling_stages)
+        return x[..., (top - t) * f:(bottom - t) * f, (left - l) * f:(right - l) * f]
 
     def forward(self, x: torch.Tensor) -> DecoderOutput:
         """Round trip: decode(encode(x))."""

@@ -183,3 +183,42 @@ def test_trainer_trains_and_exports_on_tiny_autoencoder_latents(tmp_path):
     eng = engine.load(model, device="cpu", dtype="fp32")
     cf = eng.counterfactual(np.full((40, 32), 0.5, dtype=np.float32), engine.EditRequest("new effusion", steps=2))
     assert cf.image.shape == (32, 32) and cf.image_input.shape == (40, 32)
+
+
+def test_region_decode_equals_the_full_decode_inside_the_region():
+    torch.manual_seed(2)
+    for normed, stages in ((True, 3), (False, 2)):
+        model = TinyAutoencoder(latent_channels=8, width=16, downsampling_stages=stages, normed=normed).eval()
+        z = torch.randn(1, 8, 24, 24)
+        f = 2 ** stages
+        with torch.no_grad():
+            full = model.decode(z).sample
+            part = model.decode_region(z, (5, 11, 14, 24))
+        assert part.shape == (1, 3, 6 * f, 10 * f)
+        assert torch.allclose(part, full[..., 5 * f:11 * f, 14 * f:24 * f], atol=1e-5)
+
+
+def test_change_models_decode_only_where_the_change_is(tmp_path):
+    """With a region-decoding autoencoder the output is the prior outside the changed latent box and
+    the same sum as the full path inside it."""
+    import engine
+    from engine.engine import CHANGE_FLOOR
+
+    eng = engine.load(build_tiny_model(tmp_path / "m", autoencoder="tiny", instruct_target="change"),
+                      device="cpu", dtype="fp32")
+    prior = torch.rand(1, 1, 64, 64)
+    latent = eng.encode_prior(prior)
+    change = torch.zeros_like(latent)
+    change[:, :, 4:7, 9:12] = 0.5 * eng.card.change_factor
+    change[:, :, 0, 0] = 0.5 * CHANGE_FLOOR * eng.card.change_factor  # below the floor: not decoded
+    out = eng.decode_change(prior, latent, change, detail_threshold=None)
+    assert torch.equal(out[..., :8, :], prior[..., :8, :]) and torch.equal(out[..., 52:, :], prior[..., 52:, :])
+    with torch.no_grad():
+        d = lambda z: eng.vae.decode(z).sample.float().mean(dim=1, keepdim=True)  # noqa: E731
+        base = latent * eng.card.latent_scaling
+        reference = (prior + d(base + change / eng.card.change_factor) - d(base)).clamp(0, 1)
+    box = (slice(None), slice(None), slice(12, 32), slice(32, 52))  # the change +- one latent pixel
+    assert torch.allclose(out[box], reference[box], atol=1e-4)
+    assert not torch.equal(out[box], prior[box])
+    untouched = eng.decode_change(prior, latent, torch.zeros_like(latent), detail_threshold=0.04)
+    assert torch.equal(untouched, prior)

@@ -437,6 +437,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--log-every", type=int, default=100, help="log the loss every N steps")
 
 
 def run(args) -> int:
@@ -453,6 +454,6 @@ def run(args) -> int:
                              widths=tuple(int(w) for w in args.widths.split(",")), pool=args.pool,
                              pos_weight=args.pos_weight, loss_weights=weights or None, init_from=args.init_from,
                              eval_every=args.eval_every, max_train_images=args.max_train_images, seed=args.seed,
-                             device=args.device, real_share=args.real_share)
+                             device=args.device, real_share=args.real_share, log_every=args.log_every)
     print(json.dumps({"model": args.out, "metrics": metrics}))
     return 0
