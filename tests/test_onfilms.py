@@ -249,3 +249,33 @@ def test_model_cards_attribute_the_films_and_masks_of_real_anatomy_pairs(tmp_pat
     names = [e["name"] for e in training_data(out / "pairs.jsonl", "stage2", None)]
     licences = [e["license"] for e in training_data(out / "pairs.jsonl", "stage2", None)]
     assert names[0].startswith("hannover") and licences == ["CC BY 3.0", "CC BY 4.0"]
+
+
+def test_real_film_report_says_where_the_change_lands(tmp_path, tiny_model):
+    from train.__main__ import main as train_main
+    from train.evaluate_real import where
+
+    films, masks = _film_folder(tmp_path, n=3)
+    out = tmp_path / "report.json"
+    assert train_main(["evaluate-real", "--model", str(tiny_model), "--films", str(films), "--masks", str(masks),
+                       "--split", "all", "--out", str(out), "--segmenter", "none", "--sheet", "1", "--device", "cpu",
+                       "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert report["films"] == 2 and report["mask_sources"] == {"folder": 2}  # film2 has no mask
+    agg = report["aggregate"]
+    assert set(agg) == {"left effusion", "right effusion", "cardiomegaly", "no change"}
+    assert 0.0 <= agg["left effusion"]["asked_side_rate"] <= 1.0
+    assert out.with_suffix(".md").read_text().count("|") > 20 and out.with_suffix(".png").is_file()
+    # the measure itself, by hand: all change in the patient's left lung (the image's right)
+    from train.evaluate_real import FilmLungs
+
+    lungs = np.zeros((32, 32), bool)
+    right, left = lungs.copy(), lungs.copy()
+    right[8:24, 3:12], left[8:24, 20:29] = True, True
+    film = FilmLungs("f", "PA", np.zeros((32, 32)), right, left, "test")
+    delta = np.zeros((32, 32))
+    delta[12:20, 22:27] = 0.1
+    row = where(delta, film, "left", grow=1)
+    assert row["asked_more"] and row["asked_lung"] == 1.0 and row["other_lung"] == 0.0 and row["outside_lungs"] == 0.0
+    delta[0, 0] = 0.4  # outside both lungs
+    assert abs(where(delta, film, "right", grow=1)["outside_lungs"] - 0.4 / 4.4) < 1e-9

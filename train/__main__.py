@@ -161,7 +161,7 @@ def _run_on_films(args: argparse.Namespace, parser: argparse.ArgumentParser, out
 
 
 def _trainer_commands() -> dict[str, tuple[Callable, Callable]]:
-    from train import autoencoder, evaluate, export, fit, prepare, train_analysis
+    from train import autoencoder, evaluate, evaluate_real, export, fit, prepare, train_analysis
 
     return {
         "prepare": (prepare.add_parser, lambda args, parser: prepare.run(args)),
@@ -169,6 +169,7 @@ def _trainer_commands() -> dict[str, tuple[Callable, Callable]]:
         "fit": (fit.add_parser, lambda args, parser: fit.run(args)),
         "export": (export.add_parser, lambda args, parser: export.run(args)),
         "evaluate": (evaluate.add_parser, lambda args, parser: evaluate.run(args)),
+        "evaluate-real": (evaluate_real.add_parser, lambda args, parser: evaluate_real.run(args)),
         "analysis": (train_analysis.add_parser, lambda args, parser: train_analysis.run(args)),
         "convert-autoencoder": (autoencoder.add_parser, lambda args, parser: autoencoder.run(args)),
     }
