@@ -174,6 +174,15 @@ def aggregate_real(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 agg["ctr_rise_rate"] = sum(b < a for b, a in pairs) / len(pairs)
                 agg["ctr_change_median"] = statistics.median(a - b for b, a in pairs)
         out[key] = agg
+    films = [r for r in rows if r["edit"] == "cardiomegaly" and np.isfinite(r.get("ctr_before", np.nan))]
+    if films:  # the segmenter's cardiothoracic ratio of each film as acquired
+        ctr = np.array([r["ctr_before"] for r in films])
+        out["film_ctr"] = {"films": len(films), "median": float(np.median(ctr)),
+                           "p05": float(np.percentile(ctr, 5)), "p95": float(np.percentile(ctr, 95)),
+                           "within_0.35_0.65": float(np.mean((ctr >= 0.35) & (ctr <= 0.65)))}
+        for view in sorted({str(r["view"]) for r in films}):
+            sel = np.array([r["ctr_before"] for r in films if str(r["view"]) == view])
+            out["film_ctr"][f"median_{view}"] = float(np.median(sel))
     return out
 
 
@@ -186,12 +195,20 @@ def markdown_real(report: dict[str, Any]) -> str:
              "(median share) | mean abs change (median, max) | CTR rises (median change) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for key, agg in report["aggregate"].items():
+        if key == "film_ctr":
+            continue
         side = (f"{agg['asked_side_rate']:.0%}", f"{agg['asked_lung_median']:.2f} / {agg['other_lung_median']:.2f}") \
             if "asked_side_rate" in agg else ("-", "-")
         ctr = f"{agg['ctr_rise_rate']:.0%} ({agg['ctr_change_median']:+.3f})" if "ctr_rise_rate" in agg else "-"
         lines.append(f"| {INSTRUCTIONS[key][0]} | {agg['films']} | {side[0]} | {side[1]} | "
                      f"{agg['inside_lungs_median']:.2f} / {agg['outside_lungs_median']:.2f} | "
                      f"{agg['mean_abs_median']:.4f}, {agg['mean_abs_max']:.4f} | {ctr} |")
+    ctr = report["aggregate"].get("film_ctr")
+    if ctr:
+        by_view = ", ".join(f"{k.removeprefix('median_')} {v:.2f}" for k, v in ctr.items() if k.startswith("median_"))
+        lines += ["", f"Cardiothoracic ratio of the films as acquired (segmenter): median {ctr['median']:.2f} "
+                      f"(by view: {by_view}), 5-95 % {ctr['p05']:.2f}-{ctr['p95']:.2f}, "
+                      f"{ctr['within_0.35_0.65']:.0%} within 0.35-0.65 ({ctr['films']} films)."]
     return "\n".join(lines) + "\n"
 
 

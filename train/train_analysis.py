@@ -249,8 +249,8 @@ def train_analysis(kind: str, data: list[str], eval_data: str | list[str] | None
     the loss restricted to what each image knows; ``real_share`` (0-1) is the fraction of each
     batch drawn from their images (which are also varied by :func:`_augment`), 0 = drawn as all
     others. ``eval_data`` may list several folders: the first one's metrics keep their names, a
-    real-anatomy folder's are prefixed ``real/`` and measured on its plain films (nothing
-    rendered), one image per film.
+    real-anatomy folder's are prefixed ``real/`` (the segmenter's measured on its plain films,
+    one image per film as acquired; the classifier's on every image, over the labels each knows).
     """
     from engine.analysis import smallnet
 
@@ -295,7 +295,7 @@ def train_analysis(kind: str, data: list[str], eval_data: str | list[str] | None
     for i, folder in enumerate([eval_data] if isinstance(eval_data, str) else list(eval_data or [])):
         real = _is_real_folder(Path(folder))
         h_samples = _samples(Path(folder))
-        if real:
+        if real and kind == "segmenter":  # anatomy: each film once, as acquired
             h_samples = _plain_films(h_samples)
         prefix = "real/" if real else ("" if i == 0 else f"{Path(folder).name}/")
         h_images, h_target = _load(h_samples, resolution, kind, targets)
