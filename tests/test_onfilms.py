@@ -173,6 +173,10 @@ def test_on_films_command_writes_the_simulators_manifests(tmp_path, capsys):
             assert changed.any()
         if p.extra["edit"] == "devices":
             assert "Support Devices" in images[p.prior_id].extra["labels_known"]
+    # the film as acquired is one image, shared by every edit that starts from it or returns to it
+    plain = [i for i in images if i.endswith("-film")]
+    assert sorted(plain) == ["film0-film", "film1-film"]
+    assert sum(p.prior_id == "film0-film" or p.followup_id == "film0-film" for p in pairs) > 1
     record = next(iter(images.values()))
     bits = np.asarray(Image.open(out / record.extra["mask_path"])).astype(np.int64)
     assert ((bits >> MASK_BITS["left_lung"]) & 1).any() and not ((bits >> MASK_BITS["spine"]) & 1).any()

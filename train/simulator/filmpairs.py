@@ -358,58 +358,74 @@ def _film_job(job: tuple[FilmPairsConfig, int, Film]) -> tuple[dict[str, Any], l
     rng, text_rng = np.random.default_rng(edit_seq), np.random.default_rng(text_seq)
     patient = sample_patient(rng, patient_id=film.patient_id)
     device_free = film.film_id in set(config.device_free)
-    images: list[ImageRecord] = []
+    drawn = [sample_film_edits(rng, text_rng, kinds=config.edit_kinds, removal_devices=config.removal_devices,
+                               device_free=device_free, heart_ok=heart_ok) for _ in range(config.edits_per_film)]
+    # Each distinct rendering is one image (the film as acquired is every "new ..." prior and every
+    # removal or "no change" target): written, and later encoded by the trainer, once.
+    renders: dict[tuple, tuple[str, Any]] = {}
+    premises: dict[str, set[str]] = {}
+
+    def image_for(visit: Visit, name: str) -> tuple[str, Any]:
+        key = (visit.findings, visit.devices)
+        if key not in renders:
+            plain = not visit.findings.present() and not visit.devices
+            renders[key] = (f"{film.film_id}-film" if plain else f"{film.film_id}-{name}",
+                            render_on_film(anatomy, visit.findings, visit.devices, patient))
+            premises[renders[key][0]] = set()
+        return renders[key]
+
     pairs: list[PairRecord] = []
-    for e in range(config.edits_per_film):
-        edits = sample_film_edits(rng, text_rng, kinds=config.edit_kinds, removal_devices=config.removal_devices,
-                                  device_free=device_free, heart_ok=heart_ok)
-        prior_render = render_on_film(anatomy, edits[0].prior.findings, edits[0].prior.devices, patient)
-        prior_record = _write_film_image(config, film, split, f"{film.film_id}-e{e}-v00", anatomy, prior_render,
-                                         edits[0].prior, edits[0], heart_ok, is_prior=True, order=0)
-        images.append(prior_record)
+    visits: dict[str, Visit] = {}
+    for e, edits in enumerate(drawn):
+        prior_id, prior_render = image_for(edits[0].prior, f"e{e}-v00")
+        visits[prior_id] = edits[0].prior
         for j, edit in enumerate(edits, start=1):
-            target_render = render_on_film(anatomy, edit.target.findings, edit.target.devices, patient)
-            image_id = f"{film.film_id}-e{e}-v{j:02d}"
-            record = _write_film_image(config, film, split, image_id, anatomy, target_render, edit.target, edit,
-                                       heart_ok, is_prior=False, order=j)
-            images.append(record)
+            target_id, target_render = image_for(edit.target, f"e{e}-v{j:02d}")
+            visits[target_id] = edit.target
+            for change in compare_visits(edit.prior, edit.target):  # the premise of "new ..." and "... resolved"
+                if change.kind == "finding" and change.before is None:
+                    premises[prior_id].add(PATHOLOGY_LABELS[change.name])
+                if change.kind == "finding" and change.after is None:
+                    premises[target_id].add(PATHOLOGY_LABELS[change.name])
             changed = _quantise(prior_render.image, 16) != _quantise(target_render.image, 16)  # as stored
-            pair_id = f"{film.film_id}-e{e}-v00-v{j:02d}"
+            pair_id = f"{film.film_id}-e{e}-v{j:02d}"
             _write_png(Path(config.out) / "change_masks" / f"{pair_id}.png", changed.astype(np.uint8) * 255)
             pairs.append(PairRecord(
-                pair_id=pair_id, patient_id=film.patient_id, prior_id=prior_record.image_id,
-                followup_id=image_id, prior_path=prior_record.path, followup_path=record.path,
+                pair_id=pair_id, patient_id=film.patient_id, prior_id=prior_id, followup_id=target_id,
+                prior_path=f"images/{prior_id}.png", followup_path=f"images/{target_id}.png",
                 description=edit.description, registration_score=None, split=split,
-                counterfactual_path=record.path, labels_prior=prior_record.labels, labels_followup=record.labels,
+                counterfactual_path=f"images/{target_id}.png", labels_prior={}, labels_followup={},
                 extra={"edit": edit.kind, "real_anatomy": True, "film_id": film.film_id,
                        "changes": [c.to_dict() for c in compare_visits(edit.prior, edit.target)],
                        "change_mask_path": f"change_masks/{pair_id}.png",
-                       "counterfactual_mask_path": record.extra["mask_path"],
-                       "prior_mask_path": prior_record.extra["mask_path"],
-                       "followup_mask_path": record.extra["mask_path"],
+                       "counterfactual_mask_path": f"masks/{target_id}.png",
+                       "prior_mask_path": f"masks/{prior_id}.png", "followup_mask_path": f"masks/{target_id}.png",
                        "change_fraction": round(float(changed.mean()), 6),
-                       "severities_prior": prior_record.extra["severities"],
-                       "severities_followup": record.extra["severities"]},
+                       "severities_prior": {n: v.value for n, v in edit.prior.findings.present().items()},
+                       "severities_followup": {n: v.value for n, v in edit.target.findings.present().items()}},
             ))
-    return row, images, pairs
+    images = {}
+    for image_id, render in renders.values():
+        images[image_id] = _write_film_image(config, film, split, image_id, anatomy, render, visits[image_id],
+                                             premises[image_id], heart_ok, order=0 if image_id.endswith("-film") else 1)
+    for pair in pairs:  # the labels each image knows, as the pair records carry them
+        pair.labels_prior.update(images[pair.prior_id].labels)
+        pair.labels_followup.update(images[pair.followup_id].labels)
+    return row, list(images.values()), pairs
 
 
 def _write_film_image(config: FilmPairsConfig, film: Film, split: str, image_id: str, anatomy: FilmAnatomy,
-                      rendered, visit: Visit, edit: FilmEdit, heart_ok: bool, *, is_prior: bool, order: int) -> ImageRecord:
-    """Writes one rendered image with its structure bits; returns its record."""
+                      rendered, visit: Visit, premises: set[str], heart_ok: bool, *, order: int) -> ImageRecord:
+    """Writes one rendered image with its structure bits; returns its record.
+
+    What is known about it: the findings rendered on it (present), ``premises`` (findings an edit
+    adds to it or resolves to it: taken as absent), and devices when it has rendered ones or the
+    film is listed as device-free.
+    """
     out = Path(config.out)
     truth = chexpert_labels(visit.findings, visit.devices)
-    rendered_findings = set(visit.findings.present())
-    known = {PATHOLOGY_LABELS[n] for n in rendered_findings}
-    # the premise of an edit that adds a finding: its prior lacks it
-    for change in compare_visits(edit.prior, edit.target):
-        if change.kind != "finding":
-            continue
-        if (is_prior and change.before is None) or (not is_prior and change.after is None):  # "new ...", "... resolved"
-            known.add(PATHOLOGY_LABELS[change.name])
-    if visit.devices:
-        known.add("Support Devices")
-    elif film.film_id in set(config.device_free):
+    known = {PATHOLOGY_LABELS[n] for n in visit.findings.present()} | set(premises)
+    if visit.devices or film.film_id in set(config.device_free):
         known.add("Support Devices")
     labels_truth = {k: float(v) for k, v in truth.items() if k in known}
     masks = {"right_lung": anatomy.lungs["right"].mask, "left_lung": anatomy.lungs["left"].mask}
