@@ -224,8 +224,9 @@ class ModelParts:
         unet: ``diffusers.UNet2DConditionModel``.
         scheduler_config: the saved noise schedule (a dict for ``Scheduler.from_config``).
         text_projection: Linear from encoder width to cross-attention width, or None (identity).
-        root: local folder the parts were read from.
-        model_id: what the user asked for (a path or a hub id).
+        root: local folder the parts were read from (stays on this machine).
+        model_id: the model's id as exports and provenance name it: the hub id, or the local
+            folder's name, never its path (see :func:`model_id`).
         content_hash: sha256 over every file in the folder (see :func:`content_hash`).
     """
 
@@ -237,6 +238,17 @@ class ModelParts:
     root: Path
     model_id: str
     content_hash: str
+
+
+def model_id(model: str | os.PathLike[str], root: Path) -> str:
+    """The id a model goes by in provenance, exports and messages: a Hugging Face id as given,
+    else the name of its folder. Never the local path: an absolute path on the serving machine
+    can name a user or a hospital share, and the content hash already pins the exact weights.
+    """
+    text = str(model)
+    if _HUB_ID.match(text) and not Path(text).expanduser().exists():
+        return text
+    return root.name
 
 
 def offline() -> bool:
@@ -529,13 +541,14 @@ def load_model_parts(
     if prediction not in PREDICTION_TYPES:
         raise ModelFolderError(f"{root}/scheduler: prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
                                f"not {prediction!r}")
-    model_id = str(model)
+    name = model_id(model, root)
     if unet is not None:
         unet_module, unet_digest = _load_unet_override(unet, unet_config, torch_dtype)
         validate_parts(card, vae_config, dict(unet_module.config), proj)
         digest = hashlib.sha256(f"{digest}+unet:{unet_digest}".encode()).hexdigest()
-        model_id = f"{model} + unet {unet}"
-        card = replace(card, extra={**card.extra, "unet_override": str(unet)})
+        unet_name = model_id(unet, Path(unet))
+        name = f"{name} + unet {unet_name}"
+        card = replace(card, extra={**card.extra, "unet_override": unet_name})
     vae.requires_grad_(False).eval()
     unet_module.requires_grad_(False).eval()
     return ModelParts(
@@ -545,7 +558,7 @@ def load_model_parts(
         scheduler_config=scheduler_config,
         text_projection=proj,
         root=root,
-        model_id=model_id,
+        model_id=name,
         content_hash=digest,
     )
 
