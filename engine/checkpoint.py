@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.errors import ModelFolderError
+from engine.vocabulary import check_vocabulary
 
 CARD_FILE = "card.json"
 FORMAT_VERSION = 1
@@ -109,6 +110,11 @@ class ModelCard:
         description: free text for the model card page.
         extra: anything else worth keeping (training steps, hardware, commands).
         format_version: version of this folder format.
+        vocabulary: what the model's training instructions said, as lists of phrases:
+            ``findings``, ``devices``, ``changes``, ``severities``, ``sides``
+            (:mod:`engine.vocabulary`; ``python -m train export`` writes it for models trained on
+            the simulator's instructions). The workstation warns when an instruction falls outside
+            it; empty (left out of ``card.json``) means unknown, and nothing is warned.
     """
 
     name: str
@@ -127,12 +133,15 @@ class ModelCard:
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    vocabulary: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """Returns the card as JSON-ready data."""
+        """Returns the card as JSON-ready data (an empty ``vocabulary`` is left out)."""
         data = asdict(self)
         data["value_range"] = list(self.value_range)
         data["training_data"] = list(self.training_data)
+        if not self.vocabulary:
+            del data["vocabulary"]
         return data
 
     @classmethod
@@ -201,6 +210,10 @@ class ModelCard:
             raise ModelFolderError(
                 f"{where}: position_channels must be 0, 1 or 2 (instruct models only), not {self.position_channels!r}"
             )
+        try:
+            check_vocabulary(self.vocabulary, where=where)
+        except ValueError as exc:
+            raise ModelFolderError(str(exc)) from None
 
     @property
     def diffuses_change(self) -> bool:

@@ -3,8 +3,9 @@
 The EMA weights (or the raw ones, ``--no-ema``) of a checkpoint are written with
 :func:`engine.checkpoint.save_model`, with a ``card.json`` filled from the run: method,
 resolution, text encoder, the data sets and their licenses (from the manifest's sources),
-steps, the config, and metrics when ``<run>/metrics.json`` exists. Stage 0 (VAE) runs export a
-``vae/`` folder that later stages use through ``vae_from``.
+steps, the config, metrics when ``<run>/metrics.json`` exists, and the vocabulary of the
+instructions it was trained on (simulator-trained models; :func:`card_vocabulary`). Stage 0
+(VAE) runs export a ``vae/`` folder that later stages use through ``vae_from``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,24 @@ def training_data(manifest: str | os.PathLike[str], stage: str, fallback_license
             entries.append({"name": name, "license": fallback_license or "unknown (set data_license in the config)",
                             "attribution": ""})
     return tuple(entries)
+
+
+def card_vocabulary(data: tuple[dict[str, str], ...]) -> dict[str, list[str]]:
+    """``card.json["vocabulary"]`` for a model trained on ``data`` (its ``training_data`` entries).
+
+    A model trained on the simulator's pairs alone read only the simulator's instructions, whose
+    vocabulary is derived from the simulator's text functions
+    (:func:`train.simulator.vocabulary.instruction_vocabulary`); the workstation warns when an
+    instruction falls outside it. For any other data the vocabulary is not known here, and the
+    card gets none (no warning rather than a wrong one).
+    """
+    if not data or any(entry.get("name") != "simulated" for entry in data):
+        log.info("no instruction vocabulary on the card: trained on %s, not the simulator alone",
+                 ", ".join(str(e.get("name")) for e in data) or "unknown data")
+        return {}
+    from train.simulator.vocabulary import instruction_vocabulary
+
+    return instruction_vocabulary()
 
 
 @torch.no_grad()
@@ -142,6 +161,8 @@ def export_run(
         encoder_folder, spec = staging, TextEncoderSpec("clip", "text_encoder", spec.max_tokens)
     metrics_file = run_dir / "metrics.json"
     metrics: dict[str, Any] = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    data = tuple({json.dumps(entry, sort_keys=True): entry for manifest in cfg.manifests
+                  for entry in training_data(manifest, cfg.stage, cfg.data_license)}.values())
     card = ModelCard(
         name=name or cfg.name,
         method=models.method,
@@ -153,13 +174,13 @@ def export_run(
         position_channels=cfg.position_channels if models.method == "instruct" else 0,
         value_range=tuple(models.value_range),
         intended_use=RESEARCH_USE,
-        training_data=tuple({json.dumps(entry, sort_keys=True): entry for manifest in cfg.manifests
-                             for entry in training_data(manifest, cfg.stage, cfg.data_license)}.values()),
+        training_data=data,
         license=str(cfg.extra.get("license", "Research use only; the training data's licenses apply")),
         metrics=metrics,
         description=str(cfg.extra.get("description", f"{cfg.stage} model trained with `python -m train fit`")),
         extra={"stage": cfg.stage, "steps": step, "ema": used_ema, "checkpoint": path.name,
                "arch": cfg.arch if not cfg.init_from else f"from {cfg.init_from}", "config": cfg.to_dict()},
+        vocabulary=card_vocabulary(data),
     )
     try:
         save_model(out, card=card, vae=models.vae, unet=models.unet,
