@@ -10,7 +10,7 @@ row is a cold edit (the inversion cache cleared first) timed end to end, split i
 and editing; the last row re-edits the same image with another target caption, so the cached
 null-text inversion is reused. Model loading and one warm-up call are excluded.
 
-``--arch`` times a randomly initialised model of that size (``engine bench``'s builder), so the
+``--arch`` times a randomly initialised model of that size (``bench_engine.py``'s builder), so the
 issue's SD 1.5-sized targets can be measured without downloading weights. With random weights
 null-text inversion's early stopping (loss under a threshold) may stop at another inner
 iteration than with trained ones, so its row bounds the method's cost rather than predicting it.
@@ -52,7 +52,7 @@ def main() -> int:
     import torch
 
     import engine
-    from engine.bench import sample_radiograph
+    from benchmarks.bench_engine import sample_radiograph
     from train.simulator.params import Device
 
     torch.set_num_threads(args.threads)
@@ -60,7 +60,7 @@ def main() -> int:
     if args.arch:
         import tempfile
 
-        from engine.bench import build_random_model
+        from benchmarks.bench_engine import build_random_model
 
         workdir = tempfile.TemporaryDirectory(prefix="bench-invert-")
         print(f"bench_invert: building a random {args.arch} text2image model at {args.res} px ...", flush=True)

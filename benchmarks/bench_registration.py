@@ -19,8 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from engine.registration import RegistrationParams  # noqa: E402
 from train.journeys import make_pairs  # noqa: E402
-from train.registration import RegistrationParams, register_many  # noqa: E402
+from train.registration import register_many  # noqa: E402
 from train.sources import load_hannover  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hannover-covid19"

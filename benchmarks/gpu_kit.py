@@ -136,7 +136,7 @@ KIT_NOTE = "run with benchmarks/gpu_kit.py: MiniLM-shaped text encoder with rand
 
 
 def stamp(result: Path, note: str) -> None:
-    """Adds ``note`` to a benchmark JSON (where its table prints it: ``engine bench`` and bench_invert results)."""
+    """Adds ``note`` to a benchmark JSON (where its table prints it: bench_engine.py and bench_invert results)."""
     data = json.loads(result.read_text())
     if isinstance(data, dict):
         holder = data["environment"] if "environment" in data else data

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 DOC = ROOT / "docs" / "PERFORMANCE.md"
 EVAL = ROOT / "docs" / "eval"
-BENCH = [sys.executable, "-m", "engine", "bench"]
+BENCH = [sys.executable, "benchmarks/bench_engine.py"]
 
 SUITES: dict[str, dict[str, list[str]]] = {
     "cpu": {  # the 2-core CPU: the bundled model, and SD 1.5-sized latency at few steps
@@ -60,9 +60,9 @@ def out_flag(command: list[str]) -> str:
 
 def table(name: str, data: object) -> str:
     """A benchmark's JSON as a Markdown table plus the line that says where it ran."""
-    from engine.bench import format_table
+    from benchmarks.bench_engine import format_table
 
-    if isinstance(data, dict) and "environment" in data:  # python -m engine bench
+    if isinstance(data, dict) and "environment" in data:  # benchmarks/bench_engine.py
         env = data["environment"]
         where = (f"{env['device_name']}, {env['threads']} threads, torch {env['torch']}, diffusers "
                  f"{env['diffusers']}, commit {env['git_commit']}, load average {env['load_average_1min_start']} "

@@ -85,14 +85,6 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print the model card")
     info.add_argument("--model", default=None, help="model folder or hub id (default: bundled)")
     info.add_argument("--device", default="cpu")
-
-    from engine.bench import add_arguments as bench_arguments
-
-    bench = sub.add_parser("bench", help="time the edit paths, optionally against diffusers (engine/bench.py)",
-                           description="Warm-up, then median and p95 over repeats, peak memory and images/s "
-                                       "of instruct and invert edits; --compare diffusers runs diffusers' own "
-                                       "pipeline on the same weights in the same process.")
-    bench_arguments(bench)
     return parser
 
 
@@ -269,10 +261,6 @@ def _info(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit code."""
     args = _parser().parse_args(argv)
-    if args.command == "bench":  # prints a table, not JSON; handles its own errors
-        from engine.bench import cli as bench_cli
-
-        return bench_cli(args, sys.argv[1:] if argv is None else list(argv))
     try:
         out = _edit(args) if args.command == "edit" else _info(args)
     except InputError as exc:

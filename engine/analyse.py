@@ -331,12 +331,20 @@ class Analyst:
             self._model(kind)
         return {kind: self._status[kind] for kind in ("classifier", "segmenter")}
 
-    def _simulated_note(self) -> tuple[str, ...]:
+    def _network_notes(self) -> tuple[str, ...]:
+        """What the loaded networks' numbers cannot be trusted for: simulated-only training, else
+        each card's own ``limits``."""
         names = self.simulated_only()
-        if not names:
-            return ()
-        return (f"{' and '.join(names)} {'were' if len(names) > 1 else 'was'} trained on simulated radiographs "
-                "only: on a real radiograph the probabilities, attention, anatomy and ratios are not reliable.",)
+        notes = []
+        if names:
+            notes.append(f"{' and '.join(names)} {'were' if len(names) > 1 else 'was'} trained on simulated "
+                         "radiographs only: on a real radiograph the probabilities, attention, anatomy and ratios "
+                         "are not reliable.")
+        for model in (self.classifier, self.segmenter):
+            limits = getattr(getattr(model, "card", None), "limits", "")
+            if model is not None and limits and model.name not in names:
+                notes.append(f"{model.name}: {limits}")
+        return tuple(notes)
 
     # -- checks --------------------------------------------------------------------------------
 
@@ -441,7 +449,7 @@ class Analyst:
             segmentation_rgb=segmentation_rgb, probabilities=probabilities, dice=dice,
             structure=structure_name, change_inside=change_inside, change_outside=change_outside,
             change_fraction_inside=change_fraction, cardiothoracic_ratio=ctr,
-            notes=tuple(notes) + self._simulated_note(),
+            notes=tuple(notes) + self._network_notes(),
         )
 
     def _classify(self, classifier: Classifier, prior: np.ndarray, counterfactual: np.ndarray,
@@ -509,10 +517,10 @@ class Analyst:
         from engine.analysis.metrics import pearson, psnr, ssim
         from engine.io import to_square
 
-        # The trainer's registration (SimpleITK; no torch at import) is the one BiomedJourney-style
-        # pairs are registered with; imported here so that importing this module stays cheap.
+        # The registration the trainer filters its pairs with (SimpleITK; no torch at import);
+        # imported here so that importing this module stays cheap.
         try:
-            from train.registration import RegistrationParams, register, resample
+            from engine.registration import RegistrationParams, register, resample
         except ImportError as exc:
             raise InputError(f"Comparing with a follow-up needs SimpleITK: pip install SimpleITK ({exc})") from exc
 

@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -522,7 +523,9 @@ def load_model_parts(
     Raises:
         ModelFolderError: anything missing or inconsistent, with what to fix.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
+
+    from engine.autoencoder import autoencoder_class
 
     root = resolve_hub_or_path(model)
     pipeline = is_pipeline_folder(root)
@@ -538,7 +541,7 @@ def load_model_parts(
     proj = _load_projection(root)
     validate_parts(card, vae_config, unet_config, proj)
     try:
-        vae = AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True, torch_dtype=torch_dtype)
+        vae = autoencoder_class(vae_config).from_pretrained(root / "vae", use_safetensors=True, torch_dtype=torch_dtype)
         unet_module = None if unet is not None else UNet2DConditionModel.from_pretrained(
             root / "unet", use_safetensors=True, torch_dtype=torch_dtype
         )
@@ -610,6 +613,7 @@ def save_model(
     scheduler: Any,
     text_projection: torch.nn.Linear | None = None,
     text_encoder_folder: str | os.PathLike[str] | None = None,
+    vae_files: Sequence[str | os.PathLike[str]] = (),
     overwrite: bool = False,
 ) -> Path:
     """Writes a model folder atomically: safetensors shards of at most 15 MB per file (14 MB of tensors) and a card.
@@ -620,10 +624,13 @@ def save_model(
     Args:
         out: destination folder.
         card: the card to write (validated first).
-        vae: ``AutoencoderKL``; unet: ``UNet2DConditionModel``; scheduler: any diffusers scheduler.
+        vae: ``AutoencoderKL`` or ``engine.autoencoder.TinyAutoencoder``; unet:
+            ``UNet2DConditionModel``; scheduler: any diffusers scheduler.
         text_projection: optional Linear (encoder width -> cross-attention width).
         text_encoder_folder: optional encoder folder copied to ``out/text_encoder`` (set
             ``card.text_encoder.source`` to ``"text_encoder"`` to use it).
+        vae_files: files copied into ``out/vae`` beside the weights (a third-party autoencoder's
+            ``LICENSE`` and ``PROVENANCE.json``).
         overwrite: replace an existing folder.
 
     Raises:
@@ -638,6 +645,8 @@ def save_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _save_network(vae, tmp / "vae")
+        for extra in vae_files:
+            shutil.copyfile(extra, tmp / "vae" / Path(extra).name)
         _save_network(unet, tmp / "unet")
         scheduler.save_pretrained(tmp / "scheduler")
         if text_projection is not None:

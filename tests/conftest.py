@@ -22,11 +22,13 @@ TINY_RESOLUTION = 64
 
 
 def build_tiny_model(out: Path, *, method: str = "instruct", seed: int = 0,
-                     instruct_target: str = "latent", position_channels: int = 0) -> Path:
+                     instruct_target: str = "latent", position_channels: int = 0, autoencoder: str = "kl") -> Path:
     """Writes a tiny seeded random model folder (64 px image, 16x16 latent) in the engine's format.
 
     The text encoder is a 2-layer BERT (width 24) with MiniLM's real tokenizer, stored inside
-    the folder; a projection maps it to the UNet's 32-wide cross-attention.
+    the folder; a projection maps it to the UNet's 32-wide cross-attention. ``autoencoder``
+    ``"kl"`` is a grey AutoencoderKL (4 latent channels), ``"tiny"`` a TAEF2-style
+    TinyAutoencoder (3 channels in [0, 1], 8 latent channels).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import BertConfig, BertModel
@@ -36,15 +38,23 @@ def build_tiny_model(out: Path, *, method: str = "instruct", seed: int = 0,
     from engine.checkpoint import ModelCard, TextEncoderSpec, save_model
     from engine.text import make_projection
 
+    from engine.autoencoder import TinyAutoencoder
+
     torch.manual_seed(seed)
-    latent = 4
-    vae = AutoencoderKL(
-        in_channels=1, out_channels=1, latent_channels=latent,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 32, 64), layers_per_block=1, norm_num_groups=32,
-        sample_size=TINY_RESOLUTION,
-    )  # downsamples 4x: a 16x16 latent keeps the UNet cheap on a 2-core CPU
+    if autoencoder == "tiny":
+        latent = 8
+        vae = TinyAutoencoder(latent_channels=latent, width=16, downsampling_stages=2)
+        value_range = (0.0, 1.0)
+    else:
+        latent = 4
+        vae = AutoencoderKL(
+            in_channels=1, out_channels=1, latent_channels=latent,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(32, 32, 64), layers_per_block=1, norm_num_groups=32,
+            sample_size=TINY_RESOLUTION,
+        )  # downsamples 4x: a 16x16 latent keeps the UNet cheap on a 2-core CPU
+        value_range = (-1.0, 1.0)
     unet = UNet2DConditionModel(
         sample_size=TINY_RESOLUTION // 4,
         in_channels=2 * latent + position_channels if method == "instruct" else latent, out_channels=latent,
@@ -68,7 +78,8 @@ def build_tiny_model(out: Path, *, method: str = "instruct", seed: int = 0,
         shutil.copy(minilm / name, encoder_dir / name)
     card = ModelCard(
         name="tiny-test", method=method, resolution=TINY_RESOLUTION, instruct_target=instruct_target,
-        position_channels=position_channels,
+        position_channels=position_channels, value_range=value_range,
+        latent_scaling=1.0 if autoencoder == "tiny" else 0.18215,
         text_encoder=TextEncoderSpec(backend="bert", source="text_encoder", max_tokens=32),
         training_data=({"name": "none (random weights)", "license": "n/a"},),
         license="MIT", description="Random weights for tests.",

@@ -189,6 +189,28 @@ def test_loaded_models_are_taken_as_they_are_and_grad_cam_works_under_no_grad(pr
     assert a.simulated_only() == [] and not any("simulated" in n for n in r.notes)  # their cards name no data
 
 
+def test_each_networks_stated_limits_go_beside_its_numbers(prior):
+    import torch
+
+    from engine.analysis import smallnet
+    from engine.analysis.classifier import SmallClassifier
+    from engine.analysis.segmentation import SmallSegmenter
+
+    g = torch.Generator().manual_seed(0)
+    real = ({"name": "hannover (real films)", "license": "CC BY 3.0"},)
+    clf = SmallClassifier(smallnet.build(smallnet.SmallNetConfig(
+        kind="classifier", targets=("Pleural Effusion",), input_resolution=32, widths=(8, 16), groups=4), g),
+        smallnet.SmallNetCard(name="clf", training_data=real, limits="validated on rendered findings only."))
+    seg = SmallSegmenter(smallnet.build(smallnet.SmallNetConfig(
+        kind="segmenter", targets=("right_lung", "left_lung", "heart"), input_resolution=32, widths=(8, 16), groups=4),
+        g), smallnet.SmallNetCard(name="seg", training_data=({"name": "simulated radiographs", "license": "MIT"},),
+                                  limits="never shown"))
+    r = Analyst(clf, seg).analyse(prior, prior)
+    assert "clf: validated on rendered findings only." in r.notes
+    assert any("seg was trained on simulated radiographs only" in n for n in r.notes)
+    assert not any("never shown" in n for n in r.notes)  # the simulated-only note says it already
+
+
 def test_bundled_models_say_they_know_simulated_radiographs_only(analyst, prior):
     """The bundled networks never saw a real radiograph: every analysis says so beside its numbers."""
     assert analyst.simulated_only() == ["cxr-classifier-mini", "cxr-segmenter-mini"]

@@ -132,6 +132,9 @@ def test_l1_and_psnr_inside_and_outside_a_region():
     assert metrics.psnr(a, b, region) == pytest.approx(10 * math.log10(1 / 0.25))  # 6.02 dB
     assert metrics.psnr(a, b) == pytest.approx(10 * math.log10(1 / (0.25 * 4 / 16)))
     assert metrics.psnr(a, b, ~region) == math.inf
+    with pytest.raises(InputError, match="at least 11x11"):  # SSIM's Gaussian window is 11x11
+        metrics.region_fidelity(b, a, region)
+    a, b, region = (np.kron(x, np.ones((4, 4), x.dtype)) for x in (a, b, region))  # the same on 16x16
     r = metrics.region_fidelity(b, a, region)
     assert r["psnr_out"] == math.inf and r["ssim_out"] < 1.0 and r["psnr_in"] == pytest.approx(6.0206, abs=1e-4)
 
@@ -152,3 +155,39 @@ def test_ssim_matches_scikit_image_and_is_one_for_identical():
 def test_finite_mean_skips_nan_and_inf():
     assert metrics.finite_mean([1.0, float("nan"), 3.0, float("inf")]) == 2.0
     assert math.isnan(metrics.finite_mean([float("nan")]))
+
+
+def test_degenerate_cases_are_nan_or_inf_without_a_warning():
+    """Where the libraries underneath warn or raise (one class, a constant, identical images), the
+    wrappers answer as documented and stay quiet, so an evaluation's log is not flooded."""
+    import warnings
+
+    from engine.registration import ncc
+
+    rng = np.random.default_rng(0)
+    a = rng.random((16, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(metrics.auroc([0, 0, 0], [0.1, 0.2, 0.3]))
+        assert math.isnan(metrics.pearson([0.1, 0.1, 0.1], [1.0, 2.0, 4.0]))  # mean not exact in binary
+        assert math.isnan(metrics.pearson([1.0], [2.0]))
+        assert metrics.psnr(a, a) == math.inf
+        assert math.isnan(metrics.psnr(a, a, np.zeros((16, 16), bool)))
+        assert math.isnan(metrics.ssim(a, a, np.zeros((16, 16), bool)))
+        assert ncc(np.full((16, 16), 0.5, np.float32), a.astype(np.float32)) == 0.0
+    assert metrics.auroc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5  # all tied: chance
+
+
+def test_ssim_mean_covers_the_border():
+    """ssim() averages every pixel of the map; scikit-image's own mean leaves out a 5 px border."""
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(1)
+    a = rng.random((40, 40))
+    b = a.copy()
+    b[:3, :] = 0.0  # a change along the top edge only
+    smap = metrics.ssim_map(a, b)
+    assert metrics.ssim(a, b) == pytest.approx(smap.mean())
+    cropped = structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                    use_sample_covariance=False)
+    assert cropped == pytest.approx(smap[5:-5, 5:-5].mean()) and metrics.ssim(a, b) < cropped

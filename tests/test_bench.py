@@ -1,4 +1,4 @@
-"""``python -m engine bench`` end to end, our instruct sampler against diffusers' pipeline, and the
+"""``benchmarks/bench_engine.py`` end to end, our instruct sampler against diffusers' pipeline, and the
 engine's text-embedding cache."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import engine
-from engine import bench
-from engine.__main__ import main
+from benchmarks import bench_engine as bench
+from benchmarks.bench_engine import main
 from engine.engine import EditRequest
 
 # Our sampler and diffusers' StableDiffusionInstructPix2PixPipeline run the same float32 operations
@@ -78,7 +78,7 @@ def _requests(steps: int = 5) -> list[EditRequest]:
 
 def test_bench_runs_end_to_end_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
-    code = main(["bench", "--arch", "tiny", "--res", "64", "--steps", "2", "--repeats", "1", "--compare",
+    code = main(["--arch", "tiny", "--res", "64", "--steps", "2", "--repeats", "1", "--compare",
                  "diffusers", "--method", "instruct", "invert", "--batch", "1", "2", "--threads", "1",
                  "--out", str(out)])
     assert code == 0
@@ -87,7 +87,7 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path: Path, capsys: pytest.Ca
     env = data["environment"]
     for key in ("device", "device_name", "threads", "torch", "diffusers", "git_commit", "command"):
         assert key in env
-    assert env["command"].startswith("python -m engine bench --arch tiny")
+    assert env["command"].startswith("python benchmarks/bench_engine.py --arch tiny")
     rows = data["rows"]
     assert [(r["method"], r["batch"]) for r in rows] == [("instruct", 1), ("instruct", 2), ("invert", 1)]
     for row in rows:
@@ -102,11 +102,24 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path: Path, capsys: pytest.Ca
     assert "text_median_s" in rows[0]["ours"]  # the engine's own stage timings ride along
     table = capsys.readouterr().out
     assert "| instruct | 64 | 2 | 2 |" in table and "| invert | 64 | 1 | 2 |" in table
-    assert main(["bench", "--table", str(out)]) == 0
+    assert main(["--table", str(out)]) == 0
+
+
+def test_bench_runs_as_a_script_from_any_folder(tmp_path: Path) -> None:
+    """``python benchmarks/bench_engine.py`` finds the engine wherever it is started (it left the engine)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_engine.py"), "--table",
+                           str(root / "docs" / "eval" / "bench_cpu_bundled.json")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("| model | method | res | batch |")
 
 
 def test_bench_rejects_a_resolution_the_model_does_not_have(tiny_model: Path, capsys) -> None:
-    assert main(["bench", "--model", str(tiny_model), "--res", "128", "--repeats", "1"]) == 2
+    assert main(["--model", str(tiny_model), "--res", "128", "--repeats", "1"]) == 2
     assert "use --arch" in capsys.readouterr().err
 
 

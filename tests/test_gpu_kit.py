@@ -45,14 +45,14 @@ def test_kit_note_reaches_the_table(tmp_path: Path) -> None:
     assert kit.KIT_NOTE in performance.table("inversions", json.loads(inversions.read_text()))
     bench = tmp_path / "bench.json"
     env = {"device_name": "H200", "threads": 16, "torch": "2.11", "diffusers": "0.42.1", "git_commit": "abc",
-           "load_average_1min_start": 0.1, "command": "python -m engine bench"}
+           "load_average_1min_start": 0.1, "command": "python benchmarks/bench_engine.py"}
     bench.write_text(json.dumps({"environment": env, "settings": {}, "rows": []}))
     kit.stamp(bench, kit.KIT_NOTE)
     assert kit.KIT_NOTE in performance.table("sd15", json.loads(bench.read_text()))
 
 
 def test_capped_run_stops_with_sigterm_so_rows_are_kept(tmp_path: Path) -> None:
-    """A benchmark over its cap gets SIGTERM first (engine bench then keeps its finished rows), not SIGKILL."""
+    """A benchmark over its cap gets SIGTERM first (bench_engine.py then keeps its finished rows), not SIGKILL."""
     kit = _module("gpu_kit")
     flag = tmp_path / "terminated"
     child = tmp_path / "child.py"

@@ -210,7 +210,7 @@ def test_real_hannover_gives_148_pairs():
 
 def test_prepare_cli_and_registration_filter(tmp_path, mimic_root):
     from train.__main__ import main
-    from train.registration import RegistrationResult
+    from engine.registration import RegistrationResult
 
     out = tmp_path / "manifests"
     assert main(["prepare", "mimic", "--root", str(mimic_root), "--out", str(out)]) == 0

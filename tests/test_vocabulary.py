@@ -86,3 +86,15 @@ def test_a_card_vocabulary_is_checked_and_round_trips(vocabulary):
     for bad in ({"words": ["a"]}, {"findings": "pleural effusion"}, {"findings": [1]}, ["findings"]):
         with pytest.raises(ModelFolderError, match="vocabulary"):
             ModelCard.from_dict({**base, "vocabulary": bad})
+
+
+def test_the_exporter_writes_it_when_the_simulator_wrote_every_instruction(monkeypatch, vocabulary):
+    """Simulated pairs and real-anatomy pairs (the simulator's findings rendered on real films)
+    are described by the simulator's text functions; any other source leaves the card without one."""
+    import train.export as export
+
+    for names, expected in (({"simulator"}, vocabulary), ({"simulated", "real-anatomy"}, vocabulary),
+                            ({"simulator", "mimic"}, {}), ({"unknown"}, {})):
+        monkeypatch.setattr(export, "source_names", lambda manifest, stage, n=names: n)
+        assert export.card_vocabulary(("pairs.jsonl",), "stage2") == expected, names
+    assert export.card_vocabulary((), "stage2") == {}

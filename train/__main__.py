@@ -64,6 +64,20 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    help="with --edits, the device kinds a removal edit adds to its prior (1-3 of them), "
                         "among ett, ng_tube, cvc, pacemaker, icd, ecg, chest_tube, sternal_wires; "
                         "default ett,ng_tube,cvc,ecg")
+    p.add_argument("--on-films", type=Path, default=None, metavar="DIR",
+                   help="real-anatomy pairs: render the single edits on the real films in DIR (any PNG, JPEG or "
+                        "DICOM below it, or a Hannover-layout folder) instead of simulated patients; "
+                        "see docs/SIMULATOR.md")
+    p.add_argument("--masks", default="auto",
+                   help="with --on-films: lung masks from 'auto' (V7 masks where a film has one, else the "
+                        "segmenter), 'v7' (films with a V7 mask only) or a folder of masks named like the films")
+    p.add_argument("--segmenter", default="auto", help="with --on-films --masks auto: the segmenter model folder")
+    p.add_argument("--edits-per-film", type=_int_in(1), default=4, help="with --on-films: edit draws per film")
+    p.add_argument("--splits", default="train,validate,test",
+                   help="with --on-films: the patient splits to write (patients are split 60/10/30 by id)")
+    p.add_argument("--device-free", type=Path, default=None, metavar="FILE",
+                   help="with --on-films: film ids (one per line) that show no devices; removal pairs are "
+                        "made from these films only")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that already holds a dataset")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -77,6 +91,8 @@ def _run_simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(f"--out {out} is a file; choose a folder")
     if (out / "images.jsonl").exists() and not args.overwrite:
         parser.error(f"--out {out} already holds a dataset; choose a new folder or pass --overwrite")
+    if args.on_films is not None:
+        return _run_on_films(args, parser, out)
     edit_kinds = None
     if args.edit_kinds is not None:
         if not args.edits:
@@ -108,8 +124,44 @@ def _run_simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return 0
 
 
+def _run_on_films(args: argparse.Namespace, parser: argparse.ArgumentParser, out: Path) -> int:
+    """``simulate --on-films DIR``: real-anatomy pairs (train.simulator.filmpairs)."""
+    from train.simulator.filmpairs import FilmPairsConfig, write_film_pairs
+
+    device_free: tuple[str, ...] = ()
+    if args.device_free is not None:
+        if not args.device_free.is_file():
+            parser.error(f"--device-free {args.device_free} is not a file")
+        device_free = tuple(line.split("#")[0].strip() for line in args.device_free.read_text().splitlines()
+                            if line.split("#")[0].strip())
+    kwargs: dict = {}
+    if args.edit_kinds is not None:
+        kwargs["edit_kinds"] = tuple(k.strip() for k in args.edit_kinds.split(",") if k.strip())
+    if args.removal_devices is not None:
+        kwargs["removal_devices"] = tuple(k.strip() for k in args.removal_devices.split(",") if k.strip())
+    try:
+        config = FilmPairsConfig(films=str(args.on_films), out=str(out), size=args.size, seed=args.seed,
+                                 edits_per_film=args.edits_per_film, masks=args.masks, segmenter=args.segmenter,
+                                 splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
+                                 device_free=device_free, workers=args.workers, **kwargs)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    def progress(done: int, total: int) -> None:
+        if not args.quiet and (done == total or done % max(1, total // 20) == 0):
+            sys.stderr.write(f"\rrendered on {done}/{total} films")
+            if done == total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    summary = write_film_pairs(config, progress=progress)
+    print(f"wrote {summary.images} images and {summary.pairs} pairs from {summary.films} films to {out} "
+          f"({summary.skipped} films skipped, reasons in films.jsonl) in {summary.seconds:.1f} s")
+    return 0
+
+
 def _trainer_commands() -> dict[str, tuple[Callable, Callable]]:
-    from train import evaluate, export, fit, prepare, train_analysis
+    from train import autoencoder, evaluate, evaluate_real, export, fit, prepare, train_analysis
 
     return {
         "prepare": (prepare.add_parser, lambda args, parser: prepare.run(args)),
@@ -117,7 +169,9 @@ def _trainer_commands() -> dict[str, tuple[Callable, Callable]]:
         "fit": (fit.add_parser, lambda args, parser: fit.run(args)),
         "export": (export.add_parser, lambda args, parser: export.run(args)),
         "evaluate": (evaluate.add_parser, lambda args, parser: evaluate.run(args)),
+        "evaluate-real": (evaluate_real.add_parser, lambda args, parser: evaluate_real.run(args)),
         "analysis": (train_analysis.add_parser, lambda args, parser: train_analysis.run(args)),
+        "convert-autoencoder": (autoencoder.add_parser, lambda args, parser: autoencoder.run(args)),
     }
 
 

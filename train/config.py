@@ -46,8 +46,11 @@ class TrainConfig:
         resolution: square canvas side in px (paper: 256).
         init_from: a model folder to start from (stage2: a stage-1 export; prism or stage1: a
             Stable Diffusion 1.5 folder in diffusers layout); none builds fresh networks.
-        vae_from: a VAE to use (frozen) when not starting from a model: a model folder or a
-            ``vae`` export of stage 0; none means a random VAE (smoke tests only).
+        vae_from: a VAE to use (frozen): a model folder, a ``vae`` export of stage 0 or a converted
+            autoencoder (``python -m train convert-autoencoder``); none means the init model's, or
+            a random VAE without one (smoke tests only). With ``init_from``, the init model's UNet
+            moves onto this autoencoder's latents (``conv_in``/``conv_out`` rebuilt when the number
+            of latent channels differs, every other weight kept: ``train.models.for_new_latents``).
         arch: size of fresh networks: ``tiny`` (tests), ``small`` (the bundled CPU model journey-mini),
             ``mini`` (this project's small models),
             ``sd15`` (Stable Diffusion 1.5's UNet).

@@ -4,7 +4,7 @@ The EMA weights (or the raw ones, ``--no-ema``) of a checkpoint are written with
 :func:`engine.checkpoint.save_model`, with a ``card.json`` filled from the run: method,
 resolution, text encoder, the data sets and their licenses (from the manifest's sources),
 steps, the config, metrics when ``<run>/metrics.json`` exists, and the vocabulary of the
-instructions it was trained on (simulator-trained models; :func:`card_vocabulary`). Stage 0
+instructions it was trained on (the simulator's; :func:`card_vocabulary`). Stage 0
 (VAE) runs export a ``vae/`` folder that later stages use through ``vae_from``.
 """
 
@@ -27,26 +27,36 @@ from train.config import config_from_dict
 log = logging.getLogger(__name__)
 
 
-def training_data(manifest: str | os.PathLike[str], stage: str, fallback_license: str | None) -> tuple[dict[str, str], ...]:
-    """The card's ``training_data`` entries: one per source named in the manifest."""
+def source_names(manifest: str | os.PathLike[str], stage: str) -> set[str]:
+    """The sources a manifest's pairs (stage 2) or images come from (``{"unknown"}`` without it)."""
     from train.manifest import read_images, read_pairs
-    from train.sources import SOURCES
 
     path = Path(manifest)
     if not path.is_file():
-        return ({"name": str(path.name), "license": fallback_license or "unknown"},)
+        return {"unknown"}
     if stage == "stage2":
         names = {p.extra.get("source") for p in read_pairs(path)}
         if None in names:  # pairs without a source (the simulator's): use the images next to them
             names.discard(None)
             images = path.parent / "images.jsonl"
             names |= {r.source for r in read_images(images)} if images.is_file() else {"unknown"}
-    else:
-        names = {r.source for r in read_images(path)}
+        return names
+    return {r.source for r in read_images(path)}
+
+
+def training_data(manifest: str | os.PathLike[str], stage: str, fallback_license: str | None) -> tuple[dict[str, str], ...]:
+    """The card's ``training_data`` entries: one per source named in the manifest."""
+    from train.sources import SOURCES
+
+    path = Path(manifest)
+    if not path.is_file():
+        return ({"name": str(path.name), "license": fallback_license or "unknown"},)
     entries = []
-    for name in sorted(names):
+    for name in sorted(source_names(path, stage)):
         key = "simulated" if name in ("simulator", "simulated") else name
-        if key in SOURCES and SOURCES[key].license != "as given by the data owner":
+        if key == "real-anatomy":
+            entries.extend(real_anatomy_entries(path.parent, fallback_license))
+        elif key in SOURCES and SOURCES[key].license != "as given by the data owner":
             entries.append(SOURCES[key].card_entry())
         else:
             entries.append({"name": name, "license": fallback_license or "unknown (set data_license in the config)",
@@ -54,22 +64,52 @@ def training_data(manifest: str | os.PathLike[str], stage: str, fallback_license
     return tuple(entries)
 
 
-def card_vocabulary(data: tuple[dict[str, str], ...]) -> dict[str, list[str]]:
-    """``card.json["vocabulary"]`` for a model trained on ``data`` (its ``training_data`` entries).
+SIMULATOR_TEXT_SOURCES = frozenset({"simulator", "simulated", "real-anatomy"})
+"""Pair sources whose instructions the simulator wrote (simulated pairs, and real-anatomy pairs:
+the simulator's findings and devices rendered on real films, described by the same text functions)."""
 
-    A model trained on the simulator's pairs alone read only the simulator's instructions, whose
-    vocabulary is derived from the simulator's text functions
-    (:func:`train.simulator.vocabulary.instruction_vocabulary`); the workstation warns when an
-    instruction falls outside it. For any other data the vocabulary is not known here, and the
-    card gets none (no warning rather than a wrong one).
+
+def card_vocabulary(manifests: tuple[str, ...], stage: str) -> dict[str, list[str]]:
+    """``card.json["vocabulary"]`` for a model trained on ``manifests``.
+
+    A model trained only on pairs whose instructions the simulator wrote
+    (:data:`SIMULATOR_TEXT_SOURCES`) read only the simulator's words, whose vocabulary is derived
+    from its text functions (:func:`train.simulator.vocabulary.instruction_vocabulary`); the
+    workstation warns when an instruction falls outside it. For any other data the vocabulary is
+    not known here, and the card gets none (no warning rather than a wrong one).
     """
-    if not data or any(entry.get("name") != "simulated" for entry in data):
-        log.info("no instruction vocabulary on the card: trained on %s, not the simulator alone",
-                 ", ".join(str(e.get("name")) for e in data) or "unknown data")
+    names = set().union(*(source_names(m, stage) for m in manifests)) if manifests else set()
+    if not names or not names <= SIMULATOR_TEXT_SOURCES:
+        log.info("no instruction vocabulary on the card: trained on %s, not the simulator's instructions alone",
+                 ", ".join(sorted(names - SIMULATOR_TEXT_SOURCES)) or "unknown data")
         return {}
     from train.simulator.vocabulary import instruction_vocabulary
 
     return instruction_vocabulary()
+
+
+def real_anatomy_entries(folder: Path, fallback_license: str | None) -> list[dict[str, str]]:
+    """Card entries of a real-anatomy folder (``simulate --on-films``): the films' source, the lung
+    masks' source and the renderer, each with its licence."""
+    from train.sources import SOURCES
+    from train.sources.v7masks import ATTRIBUTION as V7_ATTRIBUTION
+    from train.sources.v7masks import LICENSE as V7_LICENSE
+
+    info_file = folder / "simulation.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    if info.get("film_source") == "hannover":
+        films = {**SOURCES["hannover"].card_entry(), "name": "hannover (real films of training patients, "
+                 "with the simulator's findings and devices rendered on them)"}
+    else:
+        films = {"name": f"real films ({info.get('settings', {}).get('films', folder.name)}) with rendered findings",
+                 "license": fallback_license or "unknown (set data_license in the config)", "attribution": ""}
+    entries = [films]
+    if "v7" in info.get("mask_sources", []):
+        entries.append({"name": "V7 Labs lung masks", "license": V7_LICENSE, "attribution": V7_ATTRIBUTION})
+    if "segmenter" in info.get("mask_sources", []):
+        entries.append({"name": "lung masks from the bundled segmenter (trained on V7 masks and simulated images)",
+                        "license": "MIT", "attribution": "CXR Journey"})
+    return entries
 
 
 @torch.no_grad()
@@ -161,8 +201,6 @@ def export_run(
         encoder_folder, spec = staging, TextEncoderSpec("clip", "text_encoder", spec.max_tokens)
     metrics_file = run_dir / "metrics.json"
     metrics: dict[str, Any] = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    data = tuple({json.dumps(entry, sort_keys=True): entry for manifest in cfg.manifests
-                  for entry in training_data(manifest, cfg.stage, cfg.data_license)}.values())
     card = ModelCard(
         name=name or cfg.name,
         method=models.method,
@@ -174,18 +212,20 @@ def export_run(
         position_channels=cfg.position_channels if models.method == "instruct" else 0,
         value_range=tuple(models.value_range),
         intended_use=RESEARCH_USE,
-        training_data=data,
+        training_data=tuple({json.dumps(entry, sort_keys=True): entry for manifest in cfg.manifests
+                             for entry in training_data(manifest, cfg.stage, cfg.data_license)}.values()),
         license=str(cfg.extra.get("license", "Research use only; the training data's licenses apply")),
         metrics=metrics,
         description=str(cfg.extra.get("description", f"{cfg.stage} model trained with `python -m train fit`")),
         extra={"stage": cfg.stage, "steps": step, "ema": used_ema, "checkpoint": path.name,
                "arch": cfg.arch if not cfg.init_from else f"from {cfg.init_from}", "config": cfg.to_dict()},
-        vocabulary=card_vocabulary(data),
+        vocabulary=card_vocabulary(cfg.manifests, cfg.stage),
     )
     try:
         save_model(out, card=card, vae=models.vae, unet=models.unet,
                    scheduler=DDIMScheduler.from_config(models.scheduler_config),
-                   text_projection=models.projection, text_encoder_folder=encoder_folder, overwrite=overwrite)
+                   text_projection=models.projection, text_encoder_folder=encoder_folder,
+                   vae_files=models.vae_notices, overwrite=overwrite)
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

@@ -187,7 +187,7 @@ def apply_registration(pairs: Sequence[PairRecord], results: Sequence, *, min_sc
 
     Args:
         pairs: the pairs, in the order they were registered.
-        results: one :class:`train.registration.RegistrationResult` per pair.
+        results: one :class:`engine.registration.RegistrationResult` per pair.
         min_score: threshold on the NCC score (None keeps all).
 
     Returns:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from engine.autoencoder import value_range_of
 from engine.checkpoint import CARD_FILE, TextEncoderSpec, load_model_parts
 from engine.errors import InputError
 from engine.text import TextEncoder, load_text_encoder, make_projection
@@ -68,12 +69,14 @@ def noise_scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:
                 clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
 
 
-def fresh_unet(arch: str, *, in_channels: int, resolution: int, latent_factor: int):
-    """A randomly initialised UNet of ``arch`` (seed the global RNG first)."""
+def fresh_unet(arch: str, *, in_channels: int, resolution: int, latent_factor: int,
+               out_channels: int = LATENT_CHANNELS):
+    """A randomly initialised UNet of ``arch`` (seed the global RNG first) predicting ``out_channels``
+    latent channels (the VAE's: 4 for the project's VAEs, 32 for TAEF2)."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(sample_size=resolution // latent_factor, in_channels=in_channels,
-                                out_channels=LATENT_CHANNELS, **UNET_ARCHS[arch])
+                                out_channels=out_channels, **UNET_ARCHS[arch])
 
 
 def fresh_vae(arch: str, *, resolution: int, channels: int = 1):
@@ -87,6 +90,27 @@ def fresh_vae(arch: str, *, resolution: int, channels: int = 1):
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
         norm_num_groups=32, sample_size=resolution, scaling_factor=SD_SCALING, **spec,
     )
+
+
+def for_new_latents(unet, in_channels: int, out_channels: int):
+    """A UNet for another autoencoder's latents that keeps every weight that still fits.
+
+    ``conv_in`` and ``conv_out`` depend on the number of latent channels, so they start fresh
+    (seed the global RNG first; ``conv_out`` at zero, so the run starts predicting nothing);
+    everything between them (resnets, attention, the time embedding: what the model learned
+    about the text and where things are) is copied.
+    """
+    from diffusers import UNet2DConditionModel
+
+    config = dict(unet.config)
+    config.update(in_channels=in_channels, out_channels=out_channels)
+    new_unet = UNet2DConditionModel.from_config(config)
+    state = {k: v for k, v in unet.state_dict().items() if not k.startswith(("conv_in.", "conv_out."))}
+    missing, unexpected = new_unet.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) == {"conv_in.weight", "conv_in.bias", "conv_out.weight", "conv_out.bias"}
+    torch.nn.init.zeros_(new_unet.conv_out.weight)
+    torch.nn.init.zeros_(new_unet.conv_out.bias)
+    return new_unet
 
 
 def expand_conv_in(unet, in_channels: int):
@@ -137,6 +161,8 @@ class Models:
         value_range: pixel range of the VAE.
         vae_id: digest of the VAE (cache keys).
         text_encoder_folder: folder to copy into exports when the encoder lives in the init model.
+        vae_notices: licence and provenance files that came with the VAE (a converted TAEF2's
+            ``LICENSE`` and ``PROVENANCE.json``), copied into every export's ``vae/``.
     """
 
     stage: str
@@ -151,16 +177,34 @@ class Models:
     value_range: tuple[float, float]
     vae_id: str
     text_encoder_folder: Path | None = None
+    vae_notices: tuple[Path, ...] = ()
+
+
+NOTICE_FILES = ("LICENSE", "PROVENANCE.json")
+"""Files a ``vae/`` part may carry besides its config and weights (a third party's licence terms)."""
+
+
+def vae_notices(folder: str | Path | None) -> tuple[Path, ...]:
+    """The :data:`NOTICE_FILES` in a VAE's folder (``folder/vae`` or ``folder``), in that order."""
+    if not folder:
+        return ()
+    path = Path(folder)
+    for candidate in (path / "vae", path):
+        if (candidate / "config.json").is_file():
+            return tuple(candidate / n for n in NOTICE_FILES if (candidate / n).is_file())
+    return ()
 
 
 def _load_vae(folder: str):
-    """A VAE from a model folder (``vae/``), an SD folder, or a stage-0 ``vae`` export."""
-    from diffusers import AutoencoderKL
+    """A VAE from a model folder (``vae/``), an SD folder, a stage-0 ``vae`` export, or a converted
+    tiny autoencoder (``python -m train convert-autoencoder``)."""
+    from engine.autoencoder import autoencoder_class
 
     path = Path(folder)
     for candidate in (path / "vae", path):
         if (candidate / "config.json").is_file():
-            return AutoencoderKL.from_pretrained(candidate, use_safetensors=True)
+            config = json.loads((candidate / "config.json").read_text())
+            return autoencoder_class(config).from_pretrained(candidate, use_safetensors=True, torch_dtype=torch.float32)
     raise InputError(f"vae_from {folder} holds no VAE (looked for vae/config.json and config.json)")
 
 
@@ -203,12 +247,24 @@ def build_models(cfg: TrainConfig) -> Models:
                           float(vae.config.scaling_factor), (-1.0, 1.0), "trainable")
 
         method = "text2image" if cfg.stage == "prism" else "instruct"
-        in_channels = LATENT_CHANNELS * 2 + cfg.position_channels if method == "instruct" else LATENT_CHANNELS
+
+        def unet_inputs(vae) -> int:
+            latent = int(vae.config.latent_channels)
+            return latent * 2 + cfg.position_channels if method == "instruct" else latent
+
         if cfg.init_from:
             init = _load_init(cfg)
             vae, unet, projection = init["vae"], init["unet"], init["projection"]
             spec, scheduler, scaling, value_range = init["spec"], init["scheduler"], init["scaling"], init["value_range"]
             encoder_folder = init["encoder_folder"]
+            if cfg.vae_from:  # the init model's UNet moved onto another autoencoder's latents
+                vae = _load_vae(cfg.vae_from)
+                scaling, value_range = float(vae.config.scaling_factor), value_range_of(vae)
+                if int(vae.config.latent_channels) != int(unet.config.out_channels):
+                    log.info("init_from %s with vae_from %s: conv_in/conv_out rebuilt for %d latent channels, "
+                             "every other UNet weight kept", cfg.init_from, cfg.vae_from, vae.config.latent_channels)
+                    unet = for_new_latents(unet, unet_inputs(vae), int(vae.config.latent_channels))
+            in_channels = unet_inputs(vae)
             if method == "instruct":
                 if unet.config.in_channels > in_channels:
                     raise InputError(f"{cfg.init_from}'s UNet takes {unet.config.in_channels} input channels, more "
@@ -224,10 +280,11 @@ def build_models(cfg: TrainConfig) -> Models:
             if not cfg.vae_from:
                 log.warning("no vae_from and no init_from: training on a random frozen VAE (smoke tests only)")
             factor = 2 ** (len(vae.config.block_out_channels) - 1)
-            unet = fresh_unet(cfg.arch, in_channels=in_channels, resolution=cfg.resolution, latent_factor=factor)
+            unet = fresh_unet(cfg.arch, in_channels=unet_inputs(vae), resolution=cfg.resolution, latent_factor=factor,
+                              out_channels=int(vae.config.latent_channels))
             spec = TextEncoderSpec(cfg.text_backend, cfg.text_source, cfg.max_tokens)
             projection, scheduler = None, noise_scheduler_config(cfg.prediction_type or "epsilon")
-            scaling, value_range, encoder_folder = float(vae.config.scaling_factor), (-1.0, 1.0), None
+            scaling, value_range, encoder_folder = float(vae.config.scaling_factor), value_range_of(vae), None
         if cfg.prediction_type is not None:  # an init model fine-tuned to another parametrisation
             scheduler = {**scheduler, "prediction_type": cfg.prediction_type}
         encoder = load_text_encoder(spec, Path(cfg.init_from) if cfg.init_from else None)
@@ -236,4 +293,4 @@ def build_models(cfg: TrainConfig) -> Models:
             projection = make_projection(encoder.width, cross, generator=torch.Generator().manual_seed(cfg.seed))
     vae.requires_grad_(False).eval()
     return Models(cfg.stage, method, vae, unet, projection, encoder, spec, scheduler, scaling, value_range,
-                  module_digest(vae), encoder_folder)
+                  module_digest(vae), encoder_folder, vae_notices(cfg.vae_from or cfg.init_from))

@@ -85,7 +85,8 @@ def register_manifest(pairs_path: str, out: str | None = None, *, params=None, m
     """
     from train.journeys import apply_registration
     from train.manifest import read_pairs, write_jsonl
-    from train.registration import RegistrationParams, register_many
+    from engine.registration import RegistrationParams
+    from train.registration import register_many
 
     params = params or RegistrationParams()
     path = Path(pairs_path)
@@ -171,7 +172,7 @@ def add_register_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_register(args: argparse.Namespace) -> int:
     """Runs ``register``."""
-    from train.registration import RegistrationParams
+    from engine.registration import RegistrationParams
 
     try:
         params = RegistrationParams(transform=args.transform, size=args.size, iterations=args.iterations)

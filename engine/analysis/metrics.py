@@ -1,4 +1,4 @@
-"""The metrics both papers report, each a small pure numpy function.
+"""The metrics both papers report, as small pure functions of numpy arrays.
 
 BiomedJourney (Gu et al., 2023, section 4.3) scores counterfactual generation with CMIG, the
 geometric mean of two geometric means: of the *accuracy* measures (pathology AUROC of a
@@ -11,6 +11,13 @@ outside the finding region.
 Conventions: images are float arrays in [0, 1]; probabilities in [0, 1]; "undefined" (an AUROC
 over one class, a correlation of a constant) is ``nan``, never an exception, so one degenerate
 finding does not stop an evaluation; aggregation helpers say which values they skipped.
+
+The statistics themselves come from libraries: AUROC from scikit-learn (``roc_auc_score``),
+Pearson's r from SciPy (``pearsonr``), PSNR and SSIM from scikit-image
+(``peak_signal_noise_ratio``, ``structural_similarity``). The functions here add what the project
+needs around them: input checks with messages, ``nan`` for the degenerate cases above (where the
+libraries would warn or raise), and regions (a mask selects the pixels a PSNR or a mean SSIM is
+taken over).
 """
 
 from __future__ import annotations
@@ -20,8 +27,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
-from scipy.stats import rankdata
+from scipy.stats import pearsonr
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from engine.errors import InputError
 
@@ -121,7 +128,7 @@ def cmig_score(accuracy: Mapping[str, float], retention: Mapping[str, float]) ->
 
 
 def auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with ties counted as one half).
+    """Area under the ROC curve (``sklearn.metrics.roc_auc_score``; tied scores count one half).
 
     Args:
         labels: 0/1 (or bool) ground truth, shape ``(N,)``.
@@ -142,11 +149,11 @@ def auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarr
     if not np.isfinite(s).all():
         raise InputError("auroc: scores must be finite")
     y = y.astype(bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():  # one class (scikit-learn would warn and return nan)
         return float("nan")
-    ranks = rankdata(s)  # average ranks for ties
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    from sklearn.metrics import roc_auc_score  # imported here: scikit-learn takes ~0.3 s to import
+
+    return float(roc_auc_score(y, s))
 
 
 @dataclass(frozen=True)
@@ -213,10 +220,11 @@ def multiclass_auroc(labels: Sequence[int] | np.ndarray, probabilities: np.ndarr
 
 
 def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
-    """Pearson correlation coefficient (BiomedJourney's age retention measure).
+    """Pearson correlation coefficient (BiomedJourney's age retention measure; ``scipy.stats.pearsonr``).
 
     Returns:
-        r in [-1, 1]; ``nan`` for fewer than two points or a constant input.
+        r in [-1, 1]; ``nan`` for fewer than two points or a constant input (where SciPy raises
+        or warns).
 
     Raises:
         InputError: lengths differ or values are not finite.
@@ -227,14 +235,9 @@ def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) ->
         raise InputError(f"pearson: {a.size} vs {b.size} values")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise InputError("pearson: values must be finite")
-    if a.size < 2:
+    if a.size < 2 or (a == a[0]).all() or (b == b[0]).all():
         return float("nan")
-    a = a - a.mean()
-    b = b - b.mean()
-    denom = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
-    if denom == 0:
-        return float("nan")
-    return float(np.clip((a * b).sum() / denom, -1.0, 1.0))
+    return float(pearsonr(a, b).statistic)
 
 
 def bernoulli_kl(p: np.ndarray, q: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -367,57 +370,53 @@ def l1_distance(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) ->
 def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, data_range: float = 1.0) -> float:
     """Peak signal-to-noise ratio in dB, ``10 log10(range^2 / MSE)``, optionally inside ``mask``.
 
+    ``skimage.metrics.peak_signal_noise_ratio`` of the whole images, or of the pixels inside
+    ``mask``.
+
     Returns:
-        dB; ``inf`` for identical images; ``nan`` for an empty mask.
+        dB; ``inf`` for identical images (pixels); ``nan`` for an empty mask.
 
     Raises:
         InputError: shapes differ.
     """
     a, b, mask = _pair(a, b, mask)
-    sq = (a - b) ** 2
     if mask is not None:
         if not mask.any():
             return float("nan")
-        sq = sq[mask]
-    mse = float(sq.mean())
-    if mse == 0:
-        return float("inf")
-    return float(10.0 * math.log10(data_range**2 / mse))
+        a, b = a[mask], b[mask]
+    with np.errstate(divide="ignore"):  # identical: MSE 0, PSNR inf
+        return float(peak_signal_noise_ratio(a, b, data_range=data_range))
 
 
 def ssim_map(a: np.ndarray, b: np.ndarray, data_range: float = 1.0, sigma: float = 1.5) -> np.ndarray:
-    """Per-pixel SSIM (Wang et al., 2004) with an 11x11 Gaussian window (sigma 1.5).
+    """Per-pixel SSIM (Wang et al., 2004) with a Gaussian window (sigma 1.5: 11x11).
 
-    Population statistics and reflected borders, matching scikit-image's
-    ``structural_similarity(gaussian_weights=True, use_sample_covariance=False, full=True)``.
+    scikit-image's ``structural_similarity(gaussian_weights=True, use_sample_covariance=False,
+    full=True)``: population statistics, reflected borders, as Wang et al.
 
     Raises:
-        InputError: shapes differ.
+        InputError: shapes differ, or an image is smaller than the window.
     """
     a, b, _ = _pair(a, b, None)
-    c1 = (0.01 * data_range) ** 2
-    c2 = (0.03 * data_range) ** 2
-
-    def blur(x: np.ndarray) -> np.ndarray:
-        return ndimage.gaussian_filter(x, sigma=sigma, truncate=3.5, mode="reflect")
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
-    den = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
-    return num / den
+    window = 2 * int(3.5 * sigma + 0.5) + 1  # scikit-image's window for a Gaussian of truncate 3.5
+    if a.ndim != 2 or min(a.shape) < window:
+        raise InputError(f"SSIM needs 2-D images of at least {window}x{window} px (its window), got {a.shape}")
+    _, smap = structural_similarity(a, b, data_range=data_range, gaussian_weights=True, sigma=sigma,
+                                    use_sample_covariance=False, full=True)
+    return smap
 
 
 def ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, data_range: float = 1.0) -> float:
     """Mean SSIM over the image or over ``mask`` (windows may straddle the mask's edge).
 
+    The mean of :func:`ssim_map` over every pixel (or every pixel of ``mask``); scikit-image's own
+    mean leaves out a border of half a window, which a region touching the edge cannot afford.
+
     Returns:
         SSIM in [-1, 1]; ``nan`` for an empty mask.
 
     Raises:
-        InputError: shapes differ.
+        InputError: shapes differ, or an image is smaller than the SSIM window (11x11).
     """
     a, b, mask = _pair(a, b, mask)
     smap = ssim_map(a, b, data_range)

@@ -136,6 +136,8 @@ class SmallNetCard:
         license: licence of the weights.
         metrics: held-out metrics by name.
         description: free text.
+        limits: what the numbers of this network cannot be trusted for, in one or two sentences
+            (the workstation shows it beside every analysis that uses the network).
     """
 
     name: str
@@ -144,6 +146,7 @@ class SmallNetCard:
     license: str = "MIT"
     metrics: dict[str, float] = field(default_factory=dict)
     description: str = ""
+    limits: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict."""

@@ -54,3 +54,4 @@ def load_hannover(root: str | os.PathLike[str], *, require_files: bool = True) -
             extra={"day": day, "modality": row.get("modality", ""), "sex": row.get("sex", "")},
         ))
     return rank_studies(records, time_key=lambda r: r.extra["day"])
+

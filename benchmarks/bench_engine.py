@@ -1,9 +1,13 @@
-"""``python -m engine bench``: the engine's edit paths timed against diffusers, in one process.
+"""The engine's edit paths timed against diffusers, in one process.
 
-    python -m engine bench --threads 2 --compare diffusers --out bench.json           # bundled model
-    python -m engine bench --batch 1 6 --method instruct invert --compare diffusers --out bench.json
-    python -m engine bench --arch sd15 --res 256 512 --steps 20 --compare diffusers --out sd15.json
-    python -m engine bench --table docs/eval/bench_cpu.json                            # re-print a table
+    python benchmarks/bench_engine.py --threads 2 --compare diffusers --out bench.json      # bundled model
+    python benchmarks/bench_engine.py --batch 1 6 --method instruct invert --compare diffusers --out bench.json
+    python benchmarks/bench_engine.py --arch sd15 --res 256 512 --steps 20 --compare diffusers --out sd15.json
+    python benchmarks/bench_engine.py --table docs/eval/bench_cpu.json                       # re-print a table
+
+(Until the engine stood alone this was ``python -m engine bench``, the command that older result
+files and tables name; the options are the same. It lives here because it builds its random
+models with the trainer's architectures and draws its radiograph with the simulator.)
 
 What is timed, per row (method, resolution, batch):
 
@@ -65,7 +69,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import InputError, ModelFolderError
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.errors import InputError, ModelFolderError  # noqa: E402
 
 ARCHS = ("tiny", "small", "mini", "sd15")
 METHODS = ("instruct", "invert")
@@ -91,7 +97,7 @@ ROW_KEYS = ("model", "method", "res", "batch", "steps", "device", "ours", "diffu
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``bench`` subcommand's options (``python -m engine bench --help``)."""
+    """The benchmark's options (``python benchmarks/bench_engine.py --help``)."""
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--model", default=None, help="model folder or hub id (default: the bundled journey-mini)")
     which.add_argument("--arch", default=None, choices=ARCHS,
@@ -167,7 +173,7 @@ def build_random_model(out: Path, arch: str, *, method: str = "instruct", resolu
         text_encoder=TextEncoderSpec("bert", MINILM, TEXT_TOKENS),
         latent_scaling=float(vae.config.scaling_factor), instruct_target="latent",
         training_data=({"name": "none (random weights)", "license": "n/a"},), license="n/a",
-        description=f"Random {arch} weights for python -m engine bench; not a model.",
+        description=f"Random {arch} weights for benchmarks/bench_engine.py; not a model.",
     )
     return save_model(out, card=card, vae=vae, unet=unet, scheduler=DDIMScheduler.from_config(noise_scheduler_config()),
                       text_projection=projection, overwrite=True)
@@ -510,7 +516,7 @@ def environment(device: Any, dtype: Any, argv: Sequence[str]) -> dict[str, Any]:
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "git_commit": _git_commit(),
-        "command": " ".join(["python -m engine", *argv]),
+        "command": " ".join(["python benchmarks/bench_engine.py", *argv]),
         "load_average_1min_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -753,7 +759,7 @@ def _terminate_as_exit() -> Iterator[None]:
 
 
 def cli(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """``python -m engine bench``: runs, prints the table, writes ``--out``; bad input exits 2."""
+    """Runs, prints the table, writes ``--out``; bad input exits 2."""
     try:
         if args.table:
             data = json.loads(Path(args.table).read_text())
@@ -789,3 +795,19 @@ def cli(args: argparse.Namespace, argv: Sequence[str]) -> int:
             print(f"ours vs diffusers ({r['method']} {r['res']} px batch {r['batch']}): max |difference| "
                   f"{r['max_abs_diff']:.2e} on the [0, 1] scale")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python benchmarks/bench_engine.py [options]``; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/bench_engine.py",
+        description="Warm-up, then median and p95 over repeats, peak memory and images/s of instruct and "
+                    "invert edits; --compare diffusers runs diffusers' own pipeline on the same weights in "
+                    "the same process.")
+    add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return cli(parser.parse_args(argv), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
