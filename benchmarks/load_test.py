@@ -312,7 +312,8 @@ def check_generate(seed: int, input_shape: tuple[int, int] | None) -> Callable[[
 
 
 def check_dicom(out: Any) -> str | None:
-    if not (isinstance(out, list) and out and str(out[0]).endswith(".dcm") and Path(out[0]).is_file()):
+    # "Exported files" lists every export since the film was loaded: the newest is last.
+    if not (isinstance(out, list) and out and str(out[-1]).endswith(".dcm") and Path(out[-1]).is_file()):
         return f"no DICOM file in {out!r}"[:200]
     return None
 

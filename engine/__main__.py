@@ -226,14 +226,21 @@ def _edit(args: argparse.Namespace) -> dict:
         provenance = result.provenance()
         provenance["edit_score_note"] = note
     provenance["input"] = xray.meta.public_dict()
+    if args.method == "instruct":
+        from engine.vocabulary import instruction_warning
+
+        warning = instruction_warning(result.instruction_applied, eng.card.vocabulary)
+        if warning:  # outside what the model was trained to read: said, and the edit still made
+            provenance["notes"] = [warning]
     if suffix == ".dcm":
         from engine.export import write_dicom
 
-        label = (f"instruction: {result.instruction_applied}" if args.method == "instruct"
-                 else f"inversion: {result.request.source_prompt} -> {result.request.target_prompt}")
-        write_dicom(args.out, result.image_input, source=xray.meta, instruction=label, provenance=provenance,
+        applied = (result.instruction_applied if args.method == "instruct"  # "Instruction as applied: ..." once
+                   else f"{result.request.source_prompt} -> {result.request.target_prompt}")
+        write_dicom(args.out, result.image_input, source=xray.meta, instruction=applied, provenance=provenance,
                     keep_identifiers=args.keep_identifiers,
-                    patient_name=xray.meta.patient_name if args.keep_identifiers else None)
+                    patient_name=xray.meta.patient_name if args.keep_identifiers else None,
+                    notes=provenance.get("notes", ()))
     else:
         write_png(
             args.out,

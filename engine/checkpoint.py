@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.errors import ModelFolderError
+from engine.vocabulary import check_vocabulary
 
 CARD_FILE = "card.json"
 FORMAT_VERSION = 1
@@ -110,6 +111,11 @@ class ModelCard:
         description: free text for the model card page.
         extra: anything else worth keeping (training steps, hardware, commands).
         format_version: version of this folder format.
+        vocabulary: what the model's training instructions said, as lists of phrases:
+            ``findings``, ``devices``, ``changes``, ``severities``, ``sides``
+            (:mod:`engine.vocabulary`; ``python -m train export`` writes it for models trained on
+            the simulator's instructions). The workstation warns when an instruction falls outside
+            it; empty (left out of ``card.json``) means unknown, and nothing is warned.
     """
 
     name: str
@@ -128,12 +134,15 @@ class ModelCard:
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    vocabulary: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """Returns the card as JSON-ready data."""
+        """Returns the card as JSON-ready data (an empty ``vocabulary`` is left out)."""
         data = asdict(self)
         data["value_range"] = list(self.value_range)
         data["training_data"] = list(self.training_data)
+        if not self.vocabulary:
+            del data["vocabulary"]
         return data
 
     @classmethod
@@ -202,6 +211,10 @@ class ModelCard:
             raise ModelFolderError(
                 f"{where}: position_channels must be 0, 1 or 2 (instruct models only), not {self.position_channels!r}"
             )
+        try:
+            check_vocabulary(self.vocabulary, where=where)
+        except ValueError as exc:
+            raise ModelFolderError(str(exc)) from None
 
     @property
     def diffuses_change(self) -> bool:
@@ -225,8 +238,9 @@ class ModelParts:
         unet: ``diffusers.UNet2DConditionModel``.
         scheduler_config: the saved noise schedule (a dict for ``Scheduler.from_config``).
         text_projection: Linear from encoder width to cross-attention width, or None (identity).
-        root: local folder the parts were read from.
-        model_id: what the user asked for (a path or a hub id).
+        root: local folder the parts were read from (stays on this machine).
+        model_id: the model's id as exports and provenance name it: the hub id, or the local
+            folder's name, never its path (see :func:`model_id`).
         content_hash: sha256 over every file in the folder (see :func:`content_hash`).
     """
 
@@ -238,6 +252,17 @@ class ModelParts:
     root: Path
     model_id: str
     content_hash: str
+
+
+def model_id(model: str | os.PathLike[str], root: Path) -> str:
+    """The id a model goes by in provenance, exports and messages: a Hugging Face id as given,
+    else the name of its folder. Never the local path: an absolute path on the serving machine
+    can name a user or a hospital share, and the content hash already pins the exact weights.
+    """
+    text = str(model)
+    if _HUB_ID.match(text) and not Path(text).expanduser().exists():
+        return text
+    return root.name
 
 
 def offline() -> bool:
@@ -532,13 +557,14 @@ def load_model_parts(
     if prediction not in PREDICTION_TYPES:
         raise ModelFolderError(f"{root}/scheduler: prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
                                f"not {prediction!r}")
-    model_id = str(model)
+    name = model_id(model, root)
     if unet is not None:
         unet_module, unet_digest = _load_unet_override(unet, unet_config, torch_dtype)
         validate_parts(card, vae_config, dict(unet_module.config), proj)
         digest = hashlib.sha256(f"{digest}+unet:{unet_digest}".encode()).hexdigest()
-        model_id = f"{model} + unet {unet}"
-        card = replace(card, extra={**card.extra, "unet_override": str(unet)})
+        unet_name = model_id(unet, Path(unet))
+        name = f"{name} + unet {unet_name}"
+        card = replace(card, extra={**card.extra, "unet_override": unet_name})
     vae.requires_grad_(False).eval()
     unet_module.requires_grad_(False).eval()
     return ModelParts(
@@ -548,7 +574,7 @@ def load_model_parts(
         scheduler_config=scheduler_config,
         text_projection=proj,
         root=root,
-        model_id=model_id,
+        model_id=name,
         content_hash=digest,
     )
 

@@ -155,7 +155,7 @@ class Counterfactual:
         prior: ``(S, S)`` the prior exactly as the model saw it.
         request: the request as applied (seed filled in).
         instruction_applied: the text the model received (after the severity rule).
-        model_id: the model as named by the user (path or hub id).
+        model_id: the model's hub id or folder name (never a local path).
         model_hash: sha256 of the model folder.
         transform: how the input was letterboxed onto the model canvas.
         device: where it ran (``cpu``, ``cuda``); dtype: the compute dtype.
@@ -494,7 +494,7 @@ class Engine:
     # -- what the model is -------------------------------------------------------------
     @property
     def model_id(self) -> str:
-        """The model as the user named it."""
+        """The model's hub id or folder name (never its local path: see ``checkpoint.model_id``)."""
         return self.parts.model_id
 
     @property

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DICOM_BITS_STORED",
+    "SIMULATED_BANNER",
     "SYNTHETIC_BANNER",
     "burn_synthetic_label",
     "dicom_secondary_capture",
@@ -70,8 +71,10 @@ __all__ = [
 
 #: The banner burned into generated pixels (DICOM, GIF frames).
 SYNTHETIC_BANNER = "SYNTHETIC - research use only"
-#: The banner of a GIF frame that is a real acquisition (e.g. the prior).
-ACQUIRED_BANNER = "PRIOR (acquired)"
+#: The banner of a GIF frame that is a real acquisition (a prior or a follow-up).
+ACQUIRED_BANNER = "ACQUIRED"
+#: The banner of a GIF frame that is a simulated film (the phantom simulator's): never acquired.
+SIMULATED_BANNER = "SIMULATED - not a patient"
 
 #: Stored bits of exported DICOM pixels (16 allocated, unsigned, MONOCHROME2).
 DICOM_BITS_STORED = 12
@@ -86,6 +89,7 @@ _IMAGE_COMMENTS = (
     "Research use only, not for diagnosis."
 )
 _ST_MAX = 1024  # DICOM ST: at most 1024 characters
+_LT_MAX = 10240  # DICOM LT: at most 10240 characters
 _LO_MAX = 64  # DICOM LO / PN component group: at most 64 characters
 
 #: Banner font: a fraction of the image's shorter side, never below a readable minimum.
@@ -204,6 +208,7 @@ def dicom_secondary_capture(
     keep_identifiers: bool = False,
     patient_name: str | None = None,
     source_shape: tuple[int, int] | None = None,
+    notes: Sequence[str] = (),
 ) -> Dataset:
     """A synthetic image as a DICOM Secondary Capture dataset (with file meta).
 
@@ -229,6 +234,9 @@ def dicom_secondary_capture(
         source_shape: ``(H, W)`` of the source image. When given and different from the
             image's shape, the source's pixel spacing is scaled to the image's grid; when
             None, the image is assumed to be on the source's grid.
+        notes: the caveats shown beside the result (e.g. "the classifier was trained on
+            simulated radiographs only"): appended to *Derivation Description* (as far as its
+            1024 characters allow) and, in full, to *Image Comments*.
 
     Returns:
         A ``pydicom.Dataset`` ready for ``pydicom.dcmwrite(..., enforce_file_format=True)``.
@@ -317,9 +325,10 @@ def dicom_secondary_capture(
     ds.ContentDate = now.strftime("%Y%m%d")
     ds.ContentTime = now.strftime("%H%M%S.%f")
     ds.ImageType = ["DERIVED", "SECONDARY"]
-    ds.DerivationDescription = _derivation_description(instruction, provenance)
+    notes = [" ".join(str(n).split()) for n in notes if str(n).strip()]
+    ds.DerivationDescription = _derivation_description(instruction, provenance, notes)
     ds.BurnedInAnnotation = "YES"
-    ds.ImageComments = _IMAGE_COMMENTS
+    ds.ImageComments = _clean_text(_IMAGE_COMMENTS + ("" if not notes else " Notes: " + " ".join(notes)))[:_LT_MAX]
     # Image Pixel
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -348,13 +357,14 @@ def write_dicom(
     keep_identifiers: bool = False,
     patient_name: str | None = None,
     source_shape: tuple[int, int] | None = None,
+    notes: Sequence[str] = (),
 ) -> Path:
     """Writes :func:`dicom_secondary_capture` of ``image`` to ``path`` atomically.
 
     Args:
         path: the file to write; its folder must exist.
-        image, source, instruction, provenance, keep_identifiers, patient_name, source_shape:
-            see :func:`dicom_secondary_capture`.
+        image, source, instruction, provenance, keep_identifiers, patient_name, source_shape,
+            notes: see :func:`dicom_secondary_capture`.
 
     Returns:
         The path written.
@@ -366,7 +376,7 @@ def write_dicom(
 
     ds = dicom_secondary_capture(
         image, source=source, instruction=instruction, provenance=provenance,
-        keep_identifiers=keep_identifiers, patient_name=patient_name, source_shape=source_shape,
+        keep_identifiers=keep_identifiers, patient_name=patient_name, source_shape=source_shape, notes=notes,
     )
     buf = io.BytesIO()
     try:
@@ -376,8 +386,12 @@ def write_dicom(
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _derivation_description(instruction: str, provenance: Mapping[str, Any]) -> str:
-    """Instruction and model id/hash/seed as DICOM ST (at most 1024 characters)."""
+def _derivation_description(instruction: str, provenance: Mapping[str, Any], notes: Sequence[str] = ()) -> str:
+    """Instruction, model id/hash/seed and the notes as DICOM ST (at most 1024 characters).
+
+    The instruction keeps at least 200 characters; the notes get what is left and end in
+    "(all notes in Image Comments)" when cut.
+    """
     request = provenance.get("request") if isinstance(provenance.get("request"), Mapping) else {}
     seed = provenance.get("seed", request.get("seed"))
     parts = [
@@ -389,9 +403,15 @@ def _derivation_description(instruction: str, provenance: Mapping[str, Any]) -> 
         parts.append(f"method {provenance['method']}")
     tail = "; ".join(parts) + "."
     head = "SYNTHETIC counterfactual by CXR Journey. Instruction as applied: "
+    noted = (" Notes: " + " ".join(notes)) if notes else ""
     room = _ST_MAX - len(head) - len(tail) - 3  # the quotes and a space
+    room_for_notes = max(0, room - min(len(instruction), 200))
+    if len(noted) > room_for_notes:
+        cut = " ... (all notes in Image Comments)"
+        noted = noted[: max(0, room_for_notes - len(cut))] + cut if room_for_notes > len(cut) + 8 else ""
+    room -= len(noted)
     quoted = instruction if len(instruction) <= room else instruction[: max(0, room - 3)] + "..."
-    text = f'{head}"{quoted}" {tail}'
+    text = f'{head}"{quoted}" {tail}{noted}'
     return _clean_text(text)[:_ST_MAX]
 
 
@@ -430,12 +450,14 @@ def write_gif(
     captions: Sequence[str] | None = None,
     duration_ms: int = 700,
     label_synthetic: Sequence[bool] | bool = True,
+    simulated: Sequence[bool] | bool = False,
 ) -> Path:
     """Writes a looping greyscale GIF of a journey, every frame labelled, atomically.
 
     Frames are resized (Lanczos) to the first frame's size. Each gets a top banner: ``SYNTHETIC -
-    research use only``, or ``PRIOR (acquired)`` for a frame ``label_synthetic`` marks False (a
-    real acquisition). A caption, if given, is burned in at the bottom. Pillow merges
+    research use only``, or for a frame ``label_synthetic`` marks False ``ACQUIRED`` (a real
+    acquisition) or, where ``simulated`` marks it, ``SIMULATED - not a patient`` (a film of the
+    phantom simulator, which was never acquired). A caption, if given, is burned in at the bottom. Pillow merges
     consecutive frames that are pixel-identical (adding their durations), so such frames count
     once in the file.
 
@@ -445,6 +467,8 @@ def write_gif(
         captions: one per frame (an empty string for none), or None.
         duration_ms: display time of each frame, at least 20 ms.
         label_synthetic: one bool for all frames, or one per frame (False: an acquired image).
+        simulated: one bool for all frames, or one per frame: a frame that is not synthetic is a
+            simulated film, not an acquisition.
 
     Returns:
         The path written.
@@ -458,12 +482,8 @@ def write_gif(
         raise InputError("A GIF needs at least one frame")
     if captions is not None and len(captions) != n:
         raise InputError(f"Got {len(captions)} captions for {n} frames; give one caption per frame")
-    if isinstance(label_synthetic, (bool, np.bool_)):
-        synthetic = [bool(label_synthetic)] * n
-    else:
-        synthetic = [bool(v) for v in label_synthetic]
-        if len(synthetic) != n:
-            raise InputError(f"Got {len(synthetic)} label_synthetic flags for {n} frames; give one per frame")
+    synthetic = _per_frame(label_synthetic, n, "label_synthetic")
+    simulated_film = _per_frame(simulated, n, "simulated")
     if int(duration_ms) < 20:
         raise InputError(f"duration_ms must be at least 20 (browsers slow shorter frames down), got {duration_ms}")
 
@@ -473,7 +493,8 @@ def write_gif(
         pixels = check_intensity(frame, what=f"GIF frame {k + 1}")
         size = size or pixels.shape  # type: ignore[assignment]
         pixels = _resize(pixels, size)  # type: ignore[arg-type]
-        pixels = burn_synthetic_label(pixels, SYNTHETIC_BANNER if synthetic[k] else ACQUIRED_BANNER)
+        pixels = burn_synthetic_label(pixels, SYNTHETIC_BANNER if synthetic[k] else
+                                      SIMULATED_BANNER if simulated_film[k] else ACQUIRED_BANNER)
         caption = " ".join(str(captions[k]).split()) if captions is not None else ""
         if caption:
             pixels = _burn_banner(pixels, caption, where="bottom")
@@ -484,6 +505,16 @@ def write_gif(
         comment=SYNTHETIC_BANNER.encode("ascii"),
     )
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def _per_frame(flags: Sequence[bool] | bool, n: int, what: str) -> list[bool]:
+    """One bool per frame from one bool for all or a sequence of ``n``."""
+    if isinstance(flags, (bool, np.bool_)):
+        return [bool(flags)] * n
+    out = [bool(v) for v in flags]
+    if len(out) != n:
+        raise InputError(f"Got {len(out)} {what} flags for {n} frames; give one per frame")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,6 +534,7 @@ def edit_figure(
     captions: Mapping[str, str],
     footer: str,
     title: str | None = None,
+    notes: Sequence[str] = (),
 ) -> Figure:
     """One publication panel of an edit: images, signed change, overlays, probabilities, provenance.
 
@@ -510,7 +542,7 @@ def edit_figure(
     a ``RdBu_r`` heatmap over ``[-delta_limit, delta_limit]`` with its colour bar, the
     classifier-attention overlay and the segmentation overlay (each left out when None).
     Below: before/after probabilities per finding as a horizontal bar chart (when given), then
-    the ``footer`` (small, wrapped) and :data:`engine.analysis.render.FIGURE_NOTICE`.
+    the ``footer`` (small, wrapped), each of the ``notes`` and :data:`engine.analysis.render.FIGURE_NOTICE`.
 
     Args:
         prior, counterfactual: float ``(H, W)`` in [0, 1] on one grid.
@@ -523,6 +555,8 @@ def edit_figure(
             ``delta``, ``attention``, ``segmentation``.
         footer: the provenance line (model, seed, instruction, ...).
         title: figure title (e.g. the instruction).
+        notes: the caveats shown beside the numbers on screen (how far the probabilities and
+            ratios can be trusted, warnings about the instruction), each printed as "Note: ...".
 
     Returns:
         A ``matplotlib.figure.Figure`` (built without pyplot); save with :func:`write_figure`.
@@ -563,7 +597,10 @@ def edit_figure(
     ncols = len(panels)
     fig_w = panel_in * ncols + 0.9  # + the colour bar
     chars = max(60, int(fig_w * 19))  # characters per footer line at 6.5 pt
-    footer_lines = textwrap.wrap(" ".join(str(footer).split()), chars) + [FIGURE_NOTICE]
+    footer_lines = textwrap.wrap(" ".join(str(footer).split()), chars)
+    for note in notes:
+        footer_lines += textwrap.wrap("Note: " + " ".join(str(note).split()), chars)
+    footer_lines.append(FIGURE_NOTICE)
     heights = [panel_in * aspect + 0.45]
     if probs:
         heights.append(0.45 + 0.24 * len(probs))

@@ -400,7 +400,7 @@ def read_xray(
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         name = name or path.name
-        label = str(path)
+        label = name  # never the folder: an upload's is the server's temporary path
         if not path.exists():
             raise InputError(f"File not found: {label}; check the path")
         if not path.is_file():

@@ -74,6 +74,11 @@ def series_example() -> list[str]:
     return [str(p) for p in sorted((EXAMPLES_DIR / "sim_series").glob("*.dcm"))]
 
 
+def simulated_examples() -> list[str]:
+    """The examples made by the phantom simulator (labelled SIMULATED wherever shown)."""
+    return [str(p) for p in sorted(EXAMPLES_DIR.glob("sim_*.png"))] + series_example()
+
+
 def model_card_markdown(ws: Workstation) -> str:
     """The loaded model's card: the bundled model's full card, or the folder's own README."""
     info = ws.eng.info()
@@ -137,7 +142,8 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
         from engine.analyse import Analyst
 
         analyst = Analyst(device=eng.device.type)
-    ws = Workstation(eng, analyst, shared_files=[*example_files(), *series_example()])
+    ws = Workstation(eng, analyst, shared_files=[*example_files(), *series_example()],
+                     simulated_files=simulated_examples())
     limit = concurrency or int(os.environ.get("CXR_CONCURRENCY", "1"))
     heavy = {"concurrency_id": GPU_QUEUE, "concurrency_limit": limit}
     findings = ws.findings
@@ -149,7 +155,7 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
         ``seed_given`` (what the user had), or stays as it is, rather than going blank."""
         a = result.analysis
         v = session.view_file
-        cf_view = views.mark_synthetic(result.image) if result.synthetic else views.mark_acquired(result.image)
+        cf_view = views.mark(result.image, result.source)
         delta = result.image - result.prior
         if a is not None:
             delta_view = views.delta_panel(a.delta_rgb, a.delta_limit, synthetic=result.synthetic)
@@ -162,16 +168,26 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
         segmentation = None if a is None or a.segmentation_rgb is None else views.mark_synthetic(a.segmentation_rgb)
         probs = views.probability_rows(a.probabilities) if a is not None else []
         metrics = views.metrics_markdown(a.metrics()) if a is not None else "Analysis is off (no classifier or segmenter)."
-        if a is not None and a.notes:
-            metrics += "\n\n" + " ".join(a.notes)
+        if result.warnings:  # an instruction outside the model's vocabulary: said first
+            metrics = "\n\n".join(f"**Warning:** {w}" for w in result.warnings) + "\n\n" + metrics
+        other_notes = result.notes[len(result.warnings):]
+        if other_notes:
+            metrics += "\n\n" + " ".join(other_notes)
         record = result.provenance
         return [
-            v(views.mark_acquired(result.prior)), v(cf_view), v(delta_view), v(attention), v(segmentation), probs,
-            metrics,
+            v(views.mark(result.prior, result.prior_source)), v(cf_view), v(delta_view), v(attention), v(segmentation),
+            probs, metrics,
             record.get("instruction_applied") or result.label,
             next(s for s in (record.get("seed"), seed_given, gr.update()) if s is not None),
-            json.dumps(record, indent=2), gr.update(value=a.finding if a is not None else None),
+            json.dumps(result.record(), indent=2, default=str), gr.update(value=a.finding if a is not None else None),
         ]
+
+    def cleared_results() -> list[Any]:
+        """Every result panel and export of the Edit and Journey tabs, emptied (the seed kept):
+        a new film shows nothing of the previous one."""
+        return [None, None, None, None, None, None, "", "", gr.update(), "", gr.update(value=None),
+                gr.update(value=[], visible=False), gr.update(value=None, visible=False), None,
+                [], gr.update(value=0, maximum=5), None, None, ""]
 
     def generate(session, compare, method, instruction, severity, source, target, inversion, word_weight,
                  local_blend, steps, text_g, image_g, seed, random_seed, editor, region_structure,
@@ -186,7 +202,7 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
             results = [ws.edit(session, method, *args, progress=progress)]
         gallery, rows = [], []
         for r in results if compare else []:
-            view = views.mark_synthetic(r.image) if r.synthetic else views.mark_acquired(r.image)
+            view = views.mark(r.image, r.source)
             gallery.append((session.view_file(view), r.label))
             a = r.analysis
             if a is not None:
@@ -204,9 +220,31 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
         session = ws.session(session)
         return show_result(ws.reanalyse(session, finding, structure), session)
 
+    def check_upload(path):
+        ws.check_upload(path)
+
     def load(path, session):
         image, read, meta, session = ws.load(path, session)
-        return session.view_file(image), read, meta, gr.update(value=image), session
+        return session.view_file(image), read, meta, gr.update(value=image), *cleared_results(), session
+
+    def exported_files(session):
+        return list(ws.session(session).shown_exports) or None
+
+    def export_figure(session):
+        ws.export_figure(ws.session(session))
+        return exported_files(session)
+
+    def export_dicom(session, keep):
+        ws.export_dicom(ws.session(session), keep)
+        return exported_files(session)
+
+    def export_provenance(session):
+        ws.export_provenance(ws.session(session))
+        return exported_files(session)
+
+    def instruction_notice(instruction, severity):
+        warning = ws.instruction_warning(instruction, severity)
+        return (f"**Warning:** {warning} Generate still runs it." if warning else "")
 
     def needs_image(session):
         ws.require("image", session)
@@ -223,21 +261,30 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
         return journey_outputs(ws.chain(session, lines, steps, text_g, image_g, seed, progress), session)
 
     def journey_outputs(frames, session):
-        items = [(session.view_file(views.mark_synthetic(img, cap) if syn else views.mark_acquired(img, cap)), cap)
-                 for img, cap, syn in frames]
+        items = [(session.view_file(views.mark(img, src, cap)), cap) for img, cap, src in frames]
         gif = ws.export_gif(session)
         return (items, gr.update(maximum=len(items) - 1, value=len(items) - 1), items[-1][0], gif, "", session)
 
+    def series_outputs(items, session):
+        items = [(session.view_file(img), cap) for img, cap in items]
+        return (items, gr.update(choices=[(cap, i) for i, (_, cap) in enumerate(items[:-1])], value=0),
+                ws.series_summary(session), gr.update(value=0, maximum=5), None, None, "", session)
+
     def load_series(paths, session):
         session = ws.session(session)
-        items = [(session.view_file(img), cap) for img, cap in ws.load_series([p for p in paths or []], session)]
-        return (items, gr.update(choices=[(cap, i) for i, (_, cap) in enumerate(items[:-1])], value=0), session)
+        return series_outputs(ws.load_series([p for p in paths or []], session), session)
+
+    def reorder_series(session, order):
+        session = ws.session(session)
+        return series_outputs(ws.reorder_series(session, order), session)
 
     def series_step(session, index, instruction, severity, steps, text_g, image_g, seed, progress=gr.Progress()):
         session = ws.session(session)
         frames, comparison = ws.series_step(session, index, instruction, severity, steps, text_g, image_g, seed,
                                             progress)
         out = list(journey_outputs(frames, session))
+        pairing = ws.series_pairing(session, index)
+        out[4] = pairing
         if comparison is not None:
             out[0] = out[0] + [
                 (session.view_file(views.delta_panel(comparison.real_rgb, comparison.delta_limit, synthetic=False)),
@@ -245,15 +292,17 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                 (session.view_file(views.delta_panel(comparison.counterfactual_rgb, comparison.delta_limit)),
                  "counterfactual change (counterfactual − prior)"),
             ]
-            out[4] = "**Counterfactual vs the real follow-up**\n\n" + views.metrics_markdown(comparison.metrics())
+            out[4] = (pairing + "\n\n**Counterfactual vs the follow-up**\n\n"
+                      + views.metrics_markdown(comparison.metrics())
+                      + ("\n\n" + " ".join(comparison.notes) if comparison.notes else ""))
         return tuple(out)
 
     def pick_frame(session, index):
         session = ws.session(session)
         if not session.journey:
             return None
-        img, cap, syn = session.journey[min(int(index), len(session.journey) - 1)]
-        return session.view_file(views.mark_synthetic(img, cap) if syn else views.mark_acquired(img, cap))
+        img, cap, src = session.journey[min(int(index), len(session.journey) - 1)]
+        return session.view_file(views.mark(img, src, cap))
 
     def method_switch(method):
         instruct = method == METHODS[0]
@@ -265,7 +314,7 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
         gr.Markdown(f"# CXR Journey\n{RESEARCH_NOTICE}", elem_id="notice")
         with gr.Accordion("Model card and research-use notice", open=False, elem_id="model-card"):
             gr.Markdown(model_card_markdown(ws))
-            gr.JSON(value=ws.eng.info(), label="card.json")
+            gr.JSON(value={k: v for k, v in ws.eng.info().items() if k != "folder"}, label="card.json")
             gr.JSON(value=analyst.status() if analyst is not None else {}, label="Analysis models")
 
         with gr.Tabs():
@@ -291,6 +340,8 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                                                 label="Severity (rewrites the description)")
                             applied_preview = gr.Textbox(label="Instruction as it will be applied", interactive=False,
                                                          value=EXAMPLE_INSTRUCTIONS[0][0])
+                            instruction_warning = gr.Markdown(instruction_notice(EXAMPLE_INSTRUCTIONS[0][0], "none"),
+                                                              elem_id="instruction-warning")
                         with gr.Group(visible=not ws.instruct_capable) as invert_box:
                             source = gr.Textbox(label="Source caption (describes the input)",
                                                 value=ws.invert_captions[0])
@@ -331,7 +382,8 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                 with gr.Row():
                     with gr.Column():
                         probs = gr.Dataframe(headers=["finding", "prior", "counterfactual", "change"],
-                                             label="Classifier probabilities before and after", interactive=False)
+                                             label="Classifier probabilities before and after", interactive=False,
+                                             elem_id="probs")
                     with gr.Column():
                         metrics = gr.Markdown(elem_id="metrics")
                 applied = gr.Textbox(label="Applied exactly as", interactive=False, elem_id="applied")
@@ -349,7 +401,7 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                     exported = gr.File(label="Exported files", file_count="multiple", interactive=False,
                                        elem_id="exported")
                 with gr.Accordion("Provenance of the last result", open=False):
-                    provenance = gr.Code(label="Provenance", language="json")
+                    provenance = gr.Code(label="Provenance", language="json", elem_id="provenance")
 
             with gr.Tab("Journey", id="journey"):
                 gr.Markdown("Journeys start from the radiograph loaded on the Edit tab (ladder, chain) or from a "
@@ -375,7 +427,13 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                                                file_count="multiple", type="filepath", elem_id="series-upload")
                         gr.Examples([[series_example()]], inputs=series_files,
                                     label="Example: a simulated patient's four studies")
-                        series_btn_load = gr.Button("Order by date")
+                        series_btn_load = gr.Button("Load the series (ordered by study date)", elem_id="series-load")
+                        series_summary = gr.Markdown(elem_id="series-order")
+                        with gr.Row():
+                            series_order = gr.Textbox(label="Put the studies in order: their numbers earliest first "
+                                                            "(\"2, 1, 3\") or one date per study (\"2021-03-01, ...\")",
+                                                      elem_id="series-order-text")
+                            series_btn_order = gr.Button("Apply this order", elem_id="series-reorder")
                         series_prior = gr.Dropdown([], label="Prior study (the next one is the real follow-up)")
                         with gr.Row():
                             series_instruction = gr.Textbox(label="Change to the next study",
@@ -389,16 +447,23 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                     frame_view = gr.Image(format="png", label="Frame", interactive=False, height=420)
                     with gr.Column():
                         journey_gif = gr.File(label="Journey as animated GIF", elem_id="journey-gif")
-                        series_metrics = gr.Markdown()
+                        series_metrics = gr.Markdown(elem_id="series-metrics")
 
         # -- wiring ----------------------------------------------------------------------------------
         edit_outputs = [prior_out, cf_out, delta_out, attention_out, seg_out, probs, metrics, applied, seed,
                         provenance, finding]
-        upload.change(_handler(load), [upload, session], [preview, read_info, meta, editor, session],
-                      api_name="load")
+        journey_out = [timeline, frame_slider, frame_view, journey_gif, series_metrics, session]
+        # Every result of the Edit and Journey tabs, in the order of cleared_results().
+        result_outputs = [*edit_outputs, compare_gallery, compare_table, exported, *journey_out[:-1]]
+        # Reading the upload first, with no outputs: a refused file is one message and the panels
+        # (and the film) stay as they were; a good one replaces the film and empties every result.
+        upload.change(_handler(check_upload), upload, None, api_name=False).success(
+            _handler(load), [upload, session], [preview, read_info, meta, editor, *result_outputs, session],
+            api_name="load")
         method.change(method_switch, method, [instruct_box, invert_box, image_g], api_name=False)
         for control in (instruction, severity):
             control.change(ws.preview_instruction, [instruction, severity], applied_preview, api_name=False)
+            control.change(instruction_notice, [instruction, severity], instruction_warning, api_name=False)
         # A pre-check with no outputs first: "load a radiograph first" then leaves the panels as they were.
         go.click(_handler(needs_image), session, None, api_name=False).success(
             _gpu(_handler(generate)),
@@ -409,13 +474,9 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
         for control in (finding, metric_structure):
             control.input(_gpu(_handler(reanalyse)), [session, finding, metric_structure], edit_outputs,
                           api_name=False, **heavy)
-        fig_btn.click(_handler(lambda s: ws.export_figure(ws.session(s))), session, exported,
-                      api_name="export_figure", **heavy)
-        dcm_btn.click(_handler(lambda s, k: [ws.export_dicom(ws.session(s), k)]), [session, keep_ids], exported,
-                      api_name="export_dicom")
-        prov_btn.click(_handler(lambda s: [ws.export_provenance(ws.session(s))]), session, exported,
-                       api_name="export_provenance")
-        journey_out = [timeline, frame_slider, frame_view, journey_gif, series_metrics, session]
+        fig_btn.click(_handler(export_figure), session, exported, api_name="export_figure", **heavy)
+        dcm_btn.click(_handler(export_dicom), [session, keep_ids], exported, api_name="export_dicom")
+        prov_btn.click(_handler(export_provenance), session, exported, api_name="export_provenance")
         ladder_btn.click(_handler(needs_image), session, None, api_name=False).success(
             _gpu(_handler(ladder)), [session, ladder_finding, j_steps, j_text_g, j_image_g, j_seed], journey_out,
             api_name="ladder", **heavy,
@@ -424,8 +485,11 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
             _gpu(_handler(chain)), [session, chain_text, j_steps, j_text_g, j_image_g, j_seed], journey_out,
             api_name="chain", **heavy,
         )
-        series_btn_load.click(_handler(load_series), [series_files, session], [timeline, series_prior, session],
-                              api_name="load_series")
+        series_out = [timeline, series_prior, series_summary, frame_slider, frame_view, journey_gif, series_metrics,
+                      session]
+        series_btn_load.click(_handler(load_series), [series_files, session], series_out, api_name="load_series")
+        series_btn_order.click(_handler(reorder_series), [session, series_order], series_out,
+                               api_name="reorder_series")
         series_btn.click(_handler(needs_series), session, None, api_name=False).success(
             _gpu(_handler(series_step)),
             [session, series_prior, series_instruction, series_severity, j_steps, j_text_g, j_image_g, j_seed],

@@ -1,9 +1,10 @@
 """End to end in a real browser: ``python app.py`` with the bundled model on 127.0.0.1, driven
 through Debian's headless Chromium by Playwright.
 
-Uploads an example, generates, waits for the four analysis images, runs a 3-step chained
-journey, exports the figure and the DICOM, checks the downloaded files, and saves screenshots
-to ``$CXR_SCREENSHOTS`` (default: the test's temporary folder). Skipped when Chromium or
+Uploads a simulated example (labelled SIMULATED), generates, waits for the four analysis images,
+exports the figure and the DICOM, runs a 3-step chained journey, checks the downloaded files,
+then loads a second film (the real CR RG1_UNCR.dcm) and checks that nothing of the first stays on
+either tab; saves screenshots to ``$CXR_SCREENSHOTS`` (default: the test's temporary folder). Skipped when Chromium or
 Playwright is missing (``.ci/run`` installs Chromium).
 """
 
@@ -112,19 +113,38 @@ def _fill_until_it_stays(page, box, text: str, tries: int = 10) -> None:
     raise AssertionError(f"the textbox kept resetting to {box.input_value()!r}")
 
 
-def test_upload_generate_journey_and_exports(page, tmp_path):
+def _banner_colour(page, image) -> tuple[int, int, int]:
+    """The colour of the banner along the bottom of a displayed image (at its left end, below
+    its text), read from the file the page shows."""
+    import io
+
+    from PIL import Image
+
+    png = page.request.get(image.get_attribute("src")).body()
+    rgb = Image.open(io.BytesIO(png)).convert("RGB")
+    return rgb.getpixel((1, rgb.height - 2))
+
+
+def test_upload_generate_journey_and_exports_then_a_second_film(page, tmp_path, rg1_dicom):
     import pydicom
     from PIL import Image
     from playwright import sync_api
+
+    from journey_ui.views import banner_colour
 
     shots = Path(os.environ.get("CXR_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
     page.locator("#upload input[type=file]").set_input_files(str(ROOT / "assets/examples/sim_normal.png"))
     page.get_by_text("Read: PNG").wait_for(timeout=60_000)
+    # a simulated example was never acquired: its banner says SIMULATED (item 4 of issue 27)
+    assert _banner_colour(page, page.locator("#preview img")) == banner_colour("simulated")
+    assert "simulated film" in page.locator("#read-info").inner_text()
     page.locator("#generate").click()
     for elem in ("out-cf", "out-delta", "out-attention", "out-seg"):
         page.locator(f"#{elem} img").wait_for(timeout=GENERATE_S * 1000)
     assert page.locator("#applied textarea").input_value() == "new large left pleural effusion"
+    assert _banner_colour(page, page.locator("#out-prior img")) == banner_colour("simulated")
+    assert "trained on simulated radiographs" in page.locator("#metrics").inner_text()
     page.screenshot(path=str(shots / "workstation-edit.png"), full_page=True)
 
     page.locator("#export-figure").click()
@@ -140,7 +160,9 @@ def test_upload_generate_journey_and_exports(page, tmp_path):
     ds = pydicom.dcmread(_download(page, dicom_link, tmp_path))
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and ds.BurnedInAnnotation == "YES"
     assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
-    assert "new large left pleural effusion" in ds.DerivationDescription
+    assert 'Instruction as applied: "new large left pleural effusion"' in ds.DerivationDescription
+    assert "trained on simulated radiographs" in ds.DerivationDescription
+    sync_api.expect(page.locator("#exported a[download]")).to_have_count(3)  # the figure is still listed
 
     page.get_by_role("tab", name="Journey").click()
     page.get_by_role("tab", name="Chained edits").click()
@@ -160,6 +182,27 @@ def test_upload_generate_journey_and_exports(page, tmp_path):
         (shots / "timeline-failed.html").write_text(page.locator("#timeline").inner_html())
         raise
     page.screenshot(path=str(shots / "workstation-journey.png"), full_page=True)
+
+    # A second film, as the next patient: nothing of the first stays on either tab (issue 27, item 1).
+    page.get_by_role("tab", name="Edit", exact=True).click()
+    page.locator("#upload button[aria-label=Clear]").click()  # as a user does before dropping the next file
+    sync_api.expect(page.locator("#out-cf img")).to_have_count(0, timeout=10_000)  # clearing the film clears it
+    page.locator("#upload input[type=file]").set_input_files(str(rg1_dicom))
+    page.get_by_text("Read: CR").wait_for(timeout=60_000)
+    for elem in ("out-prior", "out-cf", "out-delta", "out-attention", "out-seg"):
+        sync_api.expect(page.locator(f"#{elem} img")).to_have_count(0, timeout=10_000)
+    sync_api.expect(page.locator("#exported a[download]")).to_have_count(0)
+    sync_api.expect(page.locator("#applied textarea")).to_have_value("")
+    assert page.locator("#metrics").inner_text().strip() == ""
+    assert "effusion" not in page.locator("#probs").inner_text().lower()
+    page.get_by_text("Provenance of the last result").click()
+    assert "model_hash" not in page.locator("#provenance").inner_text()
+    assert _banner_colour(page, page.locator("#preview img")) == banner_colour("acquired")
+    page.screenshot(path=str(shots / "workstation-second-film.png"), full_page=True)
+    page.get_by_role("tab", name="Journey").click()
+    sync_api.expect(page.locator("#timeline img")).to_have_count(0)
+    sync_api.expect(page.locator("#journey-gif a[download]")).to_have_count(0)
+    page.screenshot(path=str(shots / "workstation-second-film-journey.png"), full_page=True)
 
 
 def test_the_page_made_no_requests_outside_the_app(page):

@@ -58,6 +58,9 @@ def test_edit_to_dicom_is_a_synthetic_secondary_capture(keep, tiny_model, rg1_di
     source = pydicom.dcmread(rg1_dicom, stop_before_pixels=True)
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and ds.BurnedInAnnotation == "YES"
     assert "new right pleural effusion" in ds.DerivationDescription and record["model_hash"][:12] in ds.DerivationDescription
+    assert 'Instruction as applied: "new right pleural effusion"' in ds.DerivationDescription  # said once
+    assert "instruction: instruction" not in ds.DerivationDescription.lower()
+    assert str(tiny_model.parent) not in ds.DerivationDescription and f"model {tiny_model.name};" in ds.DerivationDescription
     assert ds.pixel_array.shape == read_xray(rg1_dicom).pixels.shape
     if keep:
         assert (ds.PatientID, str(ds.PatientName)) == (source.PatientID, str(source.PatientName))
@@ -139,3 +142,23 @@ def test_subprocess_bad_file_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error:")
     assert "Traceback" not in proc.stderr
+
+
+def test_edit_warns_of_an_instruction_outside_the_models_vocabulary(rg1_dicom, tmp_path, capsys):
+    """The bundled model's card carries its training vocabulary: "asdfgh qwerty" still runs, and
+    the record (and a DICOM's description) says the model could only guess."""
+    import pydicom
+
+    from engine.engine import DEFAULT_MODEL
+
+    out = tmp_path / "cf.dcm"
+    assert main(["edit", str(rg1_dicom), "--instruction", "asdfgh qwerty", "--out", str(out), "--model",
+                 str(DEFAULT_MODEL), "--seed", "1", "--steps", "2", "--device", "cpu"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["notes"][0].startswith("The model was never trained on the words 'asdfgh', 'qwerty'")
+    assert record["model_id"] == "journey-mini" and str(DEFAULT_MODEL.parent) not in json.dumps(record)
+    assert "never trained on the words" in pydicom.dcmread(out).DerivationDescription
+    assert main(["edit", str(rg1_dicom), "--instruction", "new large left pleural effusion", "--out",
+                 str(tmp_path / "cf.png"), "--model", str(DEFAULT_MODEL), "--seed", "1", "--steps", "2",
+                 "--device", "cpu"]) == 0
+    assert "notes" not in json.loads(capsys.readouterr().out)

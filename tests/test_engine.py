@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -366,3 +367,18 @@ def test_warm_prior_makes_the_first_edit_a_cache_hit(change_engine, monkeypatch)
     assert calls == []  # encoded (and its reconstruction decoded) when it was loaded
     change_engine.clear_prior_cache()
     np.testing.assert_allclose(change_engine.counterfactual(prior, "edema", seed=1, steps=2).image, warm.image, atol=1e-6)
+
+
+def test_provenance_names_the_model_by_id_never_by_its_local_path(tiny_engine, tiny_model):
+    """The model's absolute path on the serving machine (which can name a user or a hospital
+    share) stays out of provenance: a folder goes by its name, a hub id as given, and the
+    content hash pins the weights."""
+    import json
+
+    from engine.checkpoint import model_id
+
+    assert tiny_model.is_absolute() and tiny_engine.model_id == tiny_model.name == "tiny"
+    record = json.dumps(tiny_engine.counterfactual(_prior(), "edema", steps=2, seed=1).provenance())
+    assert str(tiny_model.parent) not in record and tiny_engine.model_hash in record
+    assert model_id("owner/some-model", Path("/cache/models--owner--some-model/snapshots/abc")) == "owner/some-model"
+    assert model_id(tiny_model, tiny_model) == "tiny"

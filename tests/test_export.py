@@ -126,6 +126,26 @@ def test_dicom_checks_and_safe_truncation() -> None:
         dicom_secondary_capture(_synthetic() * 3, source=None, instruction="x", provenance={})
 
 
+NOTES = ("Segmenter and classifier were trained on simulated radiographs only: on a real radiograph the "
+         "probabilities, attention, anatomy and ratios are not reliable.",
+         "Attention is shown for Pleural Effusion, the finding the instruction names: 0.10 -> 0.80.")
+
+
+def test_dicom_carries_the_notes_shown_beside_the_numbers() -> None:
+    ds = dicom_secondary_capture(_synthetic(), source=None, instruction=INSTRUCTION, provenance=PROVENANCE,
+                                 notes=NOTES)
+    assert ds.DerivationDescription.endswith("Notes: " + " ".join(NOTES))
+    assert ds.ImageComments.startswith("SYNTHETIC image") and ds.ImageComments.endswith(" ".join(NOTES))
+    long_notes = [f"note {k}: " + "caveat " * 40 for k in range(8)]  # more than DerivationDescription holds
+    ds = dicom_secondary_capture(_synthetic(), source=None, instruction=INSTRUCTION, provenance=PROVENANCE,
+                                 notes=long_notes)
+    assert len(ds.DerivationDescription) <= 1024 and f'"{INSTRUCTION}"' in ds.DerivationDescription
+    assert ds.DerivationDescription.endswith("(all notes in Image Comments)")
+    assert all(" ".join(n.split()) in ds.ImageComments for n in long_notes)
+    plain = dicom_secondary_capture(_synthetic(), source=None, instruction=INSTRUCTION, provenance=PROVENANCE)
+    assert "Notes" not in plain.DerivationDescription and "Notes" not in plain.ImageComments
+
+
 def test_dicom_spacing_follows_the_exported_grid() -> None:
     meta = XRayMeta(source_format="dicom", pixel_spacing=(0.2, 0.3))
     ds = dicom_secondary_capture(_synthetic(96, 80), source=meta, instruction="x", provenance={},
@@ -176,6 +196,23 @@ def test_write_gif_frames_loop_and_labels(tmp_path: Path) -> None:
     assert not (tmp_path / "bad.gif").exists()
 
 
+def test_gif_frames_of_simulated_films_say_simulated(tmp_path: Path) -> None:
+    """A film of the phantom simulator was never acquired: its frames are not labelled so."""
+    frames = [_synthetic(96, 80), _synthetic(96, 80) * 0.5, _synthetic(96, 80) * 0.9]
+    out = write_gif(tmp_path / "j.gif", frames, label_synthetic=[False, True, False], simulated=[True, False, False])
+    expected = [export.SIMULATED_BANNER, export.SYNTHETIC_BANNER, export.ACQUIRED_BANNER]
+    with Image.open(out) as gif:
+        for k, banner in enumerate(expected):
+            gif.seek(k)
+            top = np.asarray(gif.convert("L"), dtype=np.float32)[:10] / 255.0
+            for other in expected:
+                drawn = burn_synthetic_label(frames[k], other)[:10]
+                assert (np.abs(top - drawn).max() < 0.02) == (other == banner), (k, other)
+    assert export.ACQUIRED_BANNER == "ACQUIRED"  # not "PRIOR": a registered follow-up is acquired too
+    with pytest.raises(InputError, match="simulated"):
+        write_gif(tmp_path / "bad.gif", frames, simulated=[True])
+
+
 # ---------------------------------------------------------------------------------------------
 # Figures
 
@@ -193,6 +230,7 @@ def test_edit_figure_full_and_minimal(tmp_path: Path) -> None:
     images = [ax for ax in fig.axes if ax.images]
     assert len(images) == 5
     assert "synthetic" in images[1].get_title().lower()
+    assert not any("Note:" in t.get_text() for ax in fig.axes for t in ax.texts)
     assert any("Δ intensity (counterfactual − prior)" == ax.get_ylabel() for ax in fig.axes)
     png, pdf = write_figure(fig, tmp_path / "edit")
     assert (png, pdf) == (tmp_path / "edit.png", tmp_path / "edit.pdf")
@@ -205,6 +243,11 @@ def test_edit_figure_full_and_minimal(tmp_path: Path) -> None:
     assert len([ax for ax in fig.axes if ax.images]) == 3
     png, pdf = write_figure(fig, tmp_path / "minimal.png")
     assert png.name == "minimal.png" and pdf.exists()
+
+    fig = edit_figure(prior=prior, counterfactual=cf, delta=delta, delta_limit=0.1, attention_rgb=None,
+                      segmentation_rgb=None, probabilities=None, captions={}, footer="model tiny", notes=NOTES)
+    text = " ".join(" ".join(t.get_text() for ax in fig.axes for t in ax.texts).split())
+    assert all(f"Note: {n}" in text for n in NOTES) and text.index("model tiny") < text.index("Note:")
 
     with pytest.raises(InputError, match="caption"):
         edit_figure(prior=prior, counterfactual=cf, delta=delta, delta_limit=0.1, attention_rgb=None,

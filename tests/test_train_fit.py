@@ -115,6 +115,9 @@ def test_export_is_accepted_by_the_engine(tmp_path, sim_data, rg1_dicom, capsys)
     card = info["card"]
     assert card["method"] == "instruct" and card["resolution"] == 32 and card["extra"]["steps"] == 2
     assert card["training_data"][0]["name"] == "simulated" and card["extra"]["ema"] is True
+    from train.simulator.vocabulary import instruction_vocabulary
+
+    assert card["vocabulary"] == instruction_vocabulary()  # the workstation's warning follows the model
     assert engine_main(["edit", str(rg1_dicom), "--instruction", "new right pleural effusion", "--model", str(model),
                         "--out", str(tmp_path / "cf.png"), "--steps", "2", "--seed", "1", "--device", "cpu"]) == 0
     assert (tmp_path / "cf.png").is_file()

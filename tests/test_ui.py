@@ -15,10 +15,10 @@ from PIL import Image
 
 from engine.errors import InputError
 from journey_ui import views
-from journey_ui.app import example_files, series_example
+from journey_ui.app import example_files, series_example, simulated_examples
 from journey_ui.workstation import (
-    METHODS, Session, Workstation, close_session, ladder_instructions, order_series, painted_mask, target_finding,
-    target_structure,
+    EXAMPLE_INSTRUCTIONS, METHODS, Session, Workstation, close_session, ladder_instructions, order_series, painted_mask,
+    target_finding, target_structure,
 )
 
 SETTINGS = dict(steps=2, text_g=7.5, image_g=1.5, seed=3, random_seed=False)
@@ -40,7 +40,7 @@ def analyst():
 
 @pytest.fixture(scope="module")
 def ws(tiny_engine, analyst):
-    return Workstation(tiny_engine, analyst)
+    return Workstation(tiny_engine, analyst, simulated_files=simulated_examples())
 
 
 @pytest.fixture()
@@ -273,6 +273,9 @@ def test_heavy_buttons_check_first_so_a_missing_image_leaves_the_panels_alone(se
         assert check["outputs"] == [] and check["targets"][0][1] == "click", name
         # off the queue (queue=False) Gradio 6.31 showed no message for the pre-check's error (seen in Chromium)
         assert check["queue"] is not False, name
+    (load,) = [d for d in deps if d.get("api_name") == "load"]  # a refused upload: a message, the panels kept
+    check = deps[load["trigger_after"]]
+    assert load["trigger_only_on_success"] and check["outputs"] == [] and check["targets"][0][1] == "change"
 
 
 # -- the journey tab -------------------------------------------------------------------------------
@@ -282,7 +285,8 @@ def test_ladder_is_one_batch_around_the_current_image(ws, session, monkeypatch):
     monkeypatch.setattr(ws.eng, "counterfactuals", lambda *a, **k: calls.append(a) or original(*a, **k))
     frames = ws.ladder(session, "left pleural effusion", 2, 7.5, 1.5, 0)
     assert len(calls) == 1 and len(calls[0][1]) == 5
-    assert [f[2] for f in frames] == [True, True, False, True, True, True]
+    assert [f[2] for f in frames] == ["synthetic", "synthetic", "acquired", "synthetic", "synthetic", "synthetic"]
+    assert frames[2][1] == "current (acquired prior)"
     assert frames[5][1] == "large: new large left pleural effusion"
     np.testing.assert_array_equal(frames[2][0], session.journey[2][0])
 
@@ -292,7 +296,7 @@ def test_chain_edits_the_previous_result(ws, session, monkeypatch):
     original = ws.eng.counterfactual
     monkeypatch.setattr(ws.eng, "counterfactual", lambda image, *a, **k: inputs.append(image) or original(image, *a, **k))
     frames = ws.chain(session, "new right pleural effusion\n\nright pleural effusion has resolved\n", 2, 7.5, 1.5, 0)
-    assert len(frames) == 3 and not frames[0][2] and frames[2][2]
+    assert len(frames) == 3 and frames[0][2] == "acquired" and frames[2][2] == "synthetic"
     assert inputs[0] is session.xray and isinstance(inputs[1], np.ndarray)
     with pytest.raises(InputError, match="one instruction per line"):
         ws.chain(session, "\n  \n", 2, 7.5, 1.5, 0)
@@ -306,7 +310,7 @@ def test_series_orders_by_date_and_compares_with_the_real_followup(ws):
     dates = [x.meta.study_date for x in s.series]
     assert dates == sorted(dates) and len(items) == 4 and dates[0] in items[0][1]
     frames, comparison = ws.series_step(s, 2, "new right pleural effusion", "none", 2, 7.5, 1.5, 0)
-    assert [f[2] for f in frames] == [False, True, False]
+    assert [f[2] for f in frames] == ["simulated", "synthetic", "simulated"]  # the example series is simulated
     metrics = comparison.metrics()
     assert np.isfinite(metrics["registration_ncc"]) and metrics["psnr_db"] is not None
     with pytest.raises(InputError, match="Pick a prior"):
@@ -404,7 +408,7 @@ def test_served_upload_generate_export_round_trip(served, rg1_dicom, tmp_path):
     from gradio_client import Client, handle_file
 
     client = Client(served.local_url, verbose=False)
-    _, read, meta, _ = client.predict(handle_file(str(rg1_dicom)), api_name="/load")
+    _, read, meta, *_ = client.predict(handle_file(str(rg1_dicom)), api_name="/load")
     assert meta["photometric"] == "MONOCHROME1" and meta["inverted"] is True and "patient_id" not in meta
     out = _generate(client)
     prior, cf, delta, attention, seg, probs, metrics, applied, seed, provenance = out[:10]
@@ -412,7 +416,7 @@ def test_served_upload_generate_export_round_trip(served, rg1_dicom, tmp_path):
     assert json.loads(provenance)["synthetic"] is True
     assert all(Path(p).is_file() for p in (prior, cf, delta, attention, seg))
     files = client.predict(False, api_name="/export_dicom")
-    assert pydicom.dcmread(files[0]).BurnedInAnnotation == "YES"
+    assert pydicom.dcmread(files[-1]).BurnedInAnnotation == "YES"
 
 
 def test_inversion_edit_leaves_the_seed_field_as_it_was(served, rg1_dicom):
@@ -434,11 +438,12 @@ def test_bad_upload_is_a_readable_error_and_server_keeps_serving(served, tmp_pat
     fake = tmp_path / "scan.png"
     fake.write_text("not an image at all")
     client = Client(served.local_url, verbose=False)
-    with pytest.raises(Exception, match="not a DICOM, PNG or JPEG"):
+    with pytest.raises(Exception, match="'scan.png' is not a DICOM, PNG or JPEG") as info:
         client.predict(handle_file(str(fake)), api_name="/load")
+    assert "/" not in str(info.value).split("'scan.png'")[0]  # the file's own name, not the server's upload folder
     with pytest.raises(Exception, match="Load a radiograph first"):
         _generate(client)
-    _, _, meta, _ = client.predict(handle_file(str(rg1_dicom)), api_name="/load")
+    _, _, meta, *_ = client.predict(handle_file(str(rg1_dicom)), api_name="/load")
     assert meta["modality"] == "CR"
 
 
@@ -505,3 +510,249 @@ def test_display_images_are_written_once_under_new_names_and_pruned():
     assert not Path(first).exists() and len(list(s.folder.glob("view-*.png"))) == MAX_VIEW_FILES
     assert s.view_file(None) is None
     s.close()
+
+
+# -- issue 27: trust ----------------------------------------------------------------------------------
+SIM_NORMAL = example_files()[[Path(f).name for f in example_files()].index("sim_normal.png")]
+
+
+def _figure_text(ws, session, monkeypatch) -> str:
+    """Every text drawn on the exported figure (its title, captions, footer and notes)."""
+    from engine import export
+
+    drawn = []
+    original = export.write_figure
+
+    def capture(fig, stem):
+        drawn.append(" ".join([fig._suptitle.get_text() if fig._suptitle else ""]
+                              + [t.get_text() for ax in fig.axes for t in (*ax.texts, ax.title)]))
+        return original(fig, stem)
+
+    monkeypatch.setattr(export, "write_figure", capture)
+    ws.export_figure(session)
+    monkeypatch.undo()
+    return " ".join(" ".join(drawn).split())
+
+
+def test_a_new_film_clears_every_result_and_export_of_the_previous_one(ws):
+    """Two films in a row: nothing of the first (its edit, comparison, journey, exports listed)
+    stays to be shown or exported beside the second, and clearing the film does the same."""
+    s = Session()
+    ws.load(SIM_NORMAL, s)
+    ws.compare(s, *edit_args()[1:])
+    ws.export_dicom(s, False)
+    ws.export_provenance(s)
+    ws.chain(s, "new right pleural effusion", 2, 7.5, 1.5, 0)
+    assert s.result is not None and s.compare and s.journey and len(s.shown_exports) == 2
+    ws.load(example_files()[-1], s)  # RG1_UNCR.dcm, a real CR
+    assert s.result is None and s.compare == [] and s.journey == [] and s.shown_exports == []
+    for export in (ws.export_figure, ws.export_provenance, lambda s_: ws.export_dicom(s_, False)):
+        with pytest.raises(InputError, match="Generate a counterfactual first"):
+            export(s)
+    with pytest.raises(InputError, match="Generate a journey first"):
+        ws.export_gif(s)
+    ws.edit(s, *edit_args())
+    ws.load(None, s)  # the user clears the film
+    assert s.xray is None and s.result is None and s.shown_exports == []
+    s.close()
+
+
+def test_a_refused_upload_keeps_the_film_and_its_results(ws, session, tmp_path):
+    ws.edit(session, *edit_args())
+    before = session.result
+    bad = tmp_path / "scan.png"
+    bad.write_text("not an image")
+    with pytest.raises(InputError):
+        ws.check_upload(str(bad))
+    with pytest.raises(InputError):
+        ws.load(str(bad), session)
+    assert session.result is before and session.xray is not None
+
+
+def test_exports_carry_every_note_shown_beside_the_numbers(ws, session, monkeypatch):
+    """The bundled classifier and segmenter were trained on simulated films; the screen says so
+    beside the probabilities and ratios, and so must the figure, the DICOM and the JSON."""
+    result = ws.edit(session, *edit_args())
+    notes = list(result.analysis.notes)
+    assert any("trained on simulated radiographs" in n for n in notes)
+    figure = _figure_text(ws, session, monkeypatch)
+    dicom = pydicom.dcmread(ws.export_dicom(session, False))
+    record = json.loads(Path(ws.export_provenance(session)).read_text())
+    for note in notes:
+        flat = " ".join(note.split())
+        assert flat in figure, flat
+        assert flat in dicom.ImageComments, flat
+        assert flat in record["notes"]
+    description = dicom.DerivationDescription
+    assert "Notes: " in description and "trained on simulated radiographs" in description
+    assert len(dicom.DerivationDescription) <= 1024
+
+
+def test_exports_and_messages_name_no_local_path(ws, session, tiny_model, monkeypatch, tmp_path):
+    """The model goes by its id (folder name or hub id) and content hash; an upload by its own
+    file name, never the folder the server stored it under."""
+    ws.edit(session, *edit_args())
+    figure = _figure_text(ws, session, monkeypatch)
+    dicom = pydicom.dcmread(ws.export_dicom(session, False))
+    record = Path(ws.export_provenance(session)).read_text()
+    folder = str(tiny_model.parent)
+    for text in (figure, dicom.DerivationDescription, dicom.ImageComments, record):
+        assert folder not in text and "/tmp" not in text
+    assert "model tiny (sha256" in figure and f"model tiny; sha256 {ws.eng.model_hash}" in dicom.DerivationDescription
+    assert json.loads(record)["model_id"] == "tiny"
+    stored = tmp_path / "gradio" / "3f2a9c0d1e" / "scan.png"  # where Gradio keeps an upload
+    stored.parent.mkdir(parents=True)
+    stored.write_text("not an image")
+    with pytest.raises(InputError) as info:
+        ws.check_upload(str(stored))
+    assert str(info.value).startswith("'scan.png' is not a DICOM, PNG or JPEG") and str(tmp_path) not in str(info.value)
+
+
+def test_dicom_description_says_the_instruction_once(ws, session):
+    ws.edit(session, *edit_args())
+    text = pydicom.dcmread(ws.export_dicom(session, False)).DerivationDescription
+    assert 'Instruction as applied: "new large right pleural effusion"' in text
+    assert "instruction: instruction" not in text.lower()
+
+
+def test_simulated_films_are_labelled_simulated_never_acquired(ws, session, rg1_dicom, monkeypatch):
+    """The examples were made by the phantom simulator: on screen, in journeys, the GIF and the
+    figure they are SIMULATED; a real CR stays ACQUIRED."""
+    from engine import export
+
+    def banner(rgb):  # the banner's colour at its left end, below its text
+        return tuple(int(v) for v in np.asarray(rgb)[-2, 1])
+
+    s = Session()
+    image, read, _, _ = ws.load(SIM_NORMAL, s)
+    assert s.source == "simulated" and banner(image) == views.banner_colour("simulated")
+    assert "simulated film" in read
+    frames = ws.ladder(s, "left pleural effusion", 2, 7.5, 1.5, 0)
+    assert frames[2][1:] == ("current (simulated prior)", "simulated")
+    gif = Image.open(ws.export_gif(s))
+    gif.seek(2)  # the current rung: the simulated film itself
+    band = np.asarray(gif.convert("L"), dtype=np.float32)[:12] / 255.0  # the top banner
+    frame = export._resize(frames[2][0], (gif.size[1], gif.size[0]))
+    assert np.abs(band - export.burn_synthetic_label(frame, export.SIMULATED_BANNER)[:12]).max() < 0.02
+    assert np.abs(band - export.burn_synthetic_label(frame, export.ACQUIRED_BANNER)[:12]).max() > 0.3
+    result = ws.edit(s, *edit_args())
+    assert result.prior_source == "simulated" and "Prior (simulated)" in _figure_text(ws, s, monkeypatch)
+    assert any("simulated film" in n for n in result.notes)
+    s.close()
+    image, read, _, _ = ws.load(str(rg1_dicom), session)
+    assert session.source == "acquired" and banner(image) == views.banner_colour("acquired")
+    assert "simulated" not in read
+
+
+def test_exports_stay_listed_until_the_film_changes(ws, session):
+    ws.edit(session, *edit_args())
+    png, pdf = ws.export_figure(session)
+    dcm = ws.export_dicom(session, False)
+    prov = ws.export_provenance(session)
+    assert session.shown_exports == [png, pdf, dcm, prov]
+    ws.load(SIM_NORMAL, session)
+    assert session.shown_exports == []
+
+
+def _undated_series(folder: Path) -> list[str]:
+    from engine.io import read_xray
+
+    pixels = read_xray(SIM_NORMAL).pixels
+    paths = []
+    for name, shade in (("c-third.png", 0.8), ("a-first.png", 1.0), ("b-second.png", 0.9)):
+        Image.fromarray((pixels * shade * 255).astype(np.uint8)).save(folder / name)
+        paths.append(str(folder / name))
+    return paths
+
+
+def test_a_series_without_dates_says_how_it_was_ordered_and_can_be_put_in_order(ws, tmp_path):
+    s = Session()
+    ws.load_series(_undated_series(tmp_path), s)
+    assert [x.meta.name for x in s.series] == ["a-first.png", "b-second.png", "c-third.png"]
+    summary = ws.series_summary(s)
+    assert "carry no study dates, so they are listed by file name" in summary
+    assert summary.index("a-first.png") < summary.index("b-second.png") < summary.index("c-third.png")
+    pairing = ws.series_pairing(s, 0)
+    assert "**Prior:** study 1 (`a-first.png`" in pairing and "**follow-up:** study 2 (`b-second.png`" in pairing
+    assert "listed by file name" in pairing
+
+    ws.reorder_series(s, "3, 1, 2")
+    assert [x.meta.name for x in s.series] == ["c-third.png", "a-first.png", "b-second.png"]
+    assert ws.series_summary(s).startswith("Ordered as you gave it")
+    items = ws.reorder_series(s, "2021-05-01, 2021-03-01, 20210401")  # one date per study as listed
+    assert [x.meta.name for x in s.series] == ["a-first.png", "b-second.png", "c-third.png"]
+    assert [x.meta.study_date for x in s.series] == ["2021-03-01", "2021-04-01", "2021-05-01"]
+    assert items[0][1] == "study 1 · 2021-03-01" and "the study dates you gave" in ws.series_pairing(s, 1)
+    for bad, message in (("1, 1, 2", "not an order of studies 1 to 3"), ("2021-01-01", "Got 1 dates for 3"),
+                         ("first, second", "neither a study number nor a date"),
+                         ("2021-02-30, 1, 2", "not a valid date")):
+        with pytest.raises(InputError, match=message):
+            ws.reorder_series(s, bad)
+    s.close()
+
+
+def test_a_dated_series_says_it_is_ordered_by_date(ws):
+    s = Session()
+    ws.load_series(series_example()[::-1], s)
+    assert ws.series_summary(s).startswith("Ordered by the study dates in the files.")
+    assert ws.series_pairing(s, 0).startswith("**Prior:** study 1 (`visit0.dcm`")
+    s.close()
+
+
+class _WithCard:
+    """The tiny engine under another model card (the engine reads nothing else from it here)."""
+
+    def __init__(self, eng, card):
+        self._eng, self.card = eng, card
+
+    def __getattr__(self, name):
+        return getattr(self._eng, name)
+
+
+def test_an_instruction_the_model_cannot_have_learned_is_warned_about_and_still_runs(tiny_engine, analyst, rg1_dicom):
+    from dataclasses import replace
+
+    from engine.checkpoint import read_card
+    from engine.engine import DEFAULT_MODEL
+
+    card = replace(tiny_engine.card, vocabulary=read_card(DEFAULT_MODEL).vocabulary)
+    ws = Workstation(_WithCard(tiny_engine, card), analyst)
+    for example in (e[0] for e in EXAMPLE_INSTRUCTIONS):
+        assert ws.instruction_warning(example) is None, example
+    warning = ws.instruction_warning("asdfgh qwerty")
+    assert "never trained on the words 'asdfgh', 'qwerty'" in warning
+    assert "pleural effusion" in warning and "support devices" in warning and "worsening" in warning
+    s = Session()
+    ws.load(str(rg1_dicom), s)
+    result = ws.edit(s, *edit_args(instruction="asdfgh qwerty", severity="none"))
+    assert result.image.shape == result.prior.shape  # it ran
+    assert result.warnings == (warning,) and result.notes[0] == warning
+    assert warning in json.loads(Path(ws.export_provenance(s)).read_text())["notes"]
+    s.close()
+    plain = Workstation(tiny_engine, analyst)  # a card without a vocabulary: no warning, no crash
+    assert plain.vocabulary == {} and plain.instruction_warning("asdfgh qwerty") is None
+
+
+def test_served_second_film_clears_every_result_of_the_first(served, rg1_dicom):
+    """Through the server: a second film's load empties every result panel and export of the
+    Edit and Journey tabs in the same event; exports of one film stay listed until then."""
+    from gradio_client import Client, handle_file
+
+    client = Client(served.local_url, verbose=False)
+    client.predict(handle_file(SIM_NORMAL), api_name="/load")
+    _generate(client)
+    assert len(client.predict(False, api_name="/export_dicom")) == 1
+    assert len(client.predict(api_name="/export_provenance")) == 2  # the DICOM is still listed
+    client.predict("new right pleural effusion", 2, 7.5, 1.5, 0, api_name="/chain")
+    out = client.predict(handle_file(str(rg1_dicom)), api_name="/load")
+    (prior, cf, delta, attention, seg, probs, metrics, applied, seed, provenance, finding, gallery, table, exported,
+     timeline, slider, frame, gif, series_metrics) = out[4:]
+    assert out[1].startswith("Read: **CR**")  # the second film is shown...
+    assert prior is cf is delta is attention is seg is exported is frame is gif is None  # ...and nothing of the first
+    assert probs["data"] == [] and metrics == applied == provenance == series_metrics == "" and timeline == []
+    assert gallery["value"] == [] and gallery["visible"] is False and table["value"]["data"] == []
+    assert finding["value"] is None and slider["value"] == 0 and "value" not in seed  # the seed is the user's, kept
+    with pytest.raises(Exception, match="Generate a counterfactual first"):
+        client.predict(False, api_name="/export_dicom")
+    _generate(client)
+    assert len(client.predict(False, api_name="/export_dicom")) == 1  # a new list for the new film

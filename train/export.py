@@ -3,8 +3,9 @@
 The EMA weights (or the raw ones, ``--no-ema``) of a checkpoint are written with
 :func:`engine.checkpoint.save_model`, with a ``card.json`` filled from the run: method,
 resolution, text encoder, the data sets and their licenses (from the manifest's sources),
-steps, the config, and metrics when ``<run>/metrics.json`` exists. Stage 0 (VAE) runs export a
-``vae/`` folder that later stages use through ``vae_from``.
+steps, the config, metrics when ``<run>/metrics.json`` exists, and the vocabulary of the
+instructions it was trained on (the simulator's; :func:`card_vocabulary`). Stage 0
+(VAE) runs export a ``vae/`` folder that later stages use through ``vae_from``.
 """
 
 from __future__ import annotations
@@ -26,24 +27,32 @@ from train.config import config_from_dict
 log = logging.getLogger(__name__)
 
 
-def training_data(manifest: str | os.PathLike[str], stage: str, fallback_license: str | None) -> tuple[dict[str, str], ...]:
-    """The card's ``training_data`` entries: one per source named in the manifest."""
+def source_names(manifest: str | os.PathLike[str], stage: str) -> set[str]:
+    """The sources a manifest's pairs (stage 2) or images come from (``{"unknown"}`` without it)."""
     from train.manifest import read_images, read_pairs
-    from train.sources import SOURCES
 
     path = Path(manifest)
     if not path.is_file():
-        return ({"name": str(path.name), "license": fallback_license or "unknown"},)
+        return {"unknown"}
     if stage == "stage2":
         names = {p.extra.get("source") for p in read_pairs(path)}
         if None in names:  # pairs without a source (the simulator's): use the images next to them
             names.discard(None)
             images = path.parent / "images.jsonl"
             names |= {r.source for r in read_images(images)} if images.is_file() else {"unknown"}
-    else:
-        names = {r.source for r in read_images(path)}
+        return names
+    return {r.source for r in read_images(path)}
+
+
+def training_data(manifest: str | os.PathLike[str], stage: str, fallback_license: str | None) -> tuple[dict[str, str], ...]:
+    """The card's ``training_data`` entries: one per source named in the manifest."""
+    from train.sources import SOURCES
+
+    path = Path(manifest)
+    if not path.is_file():
+        return ({"name": str(path.name), "license": fallback_license or "unknown"},)
     entries = []
-    for name in sorted(names):
+    for name in sorted(source_names(path, stage)):
         key = "simulated" if name in ("simulator", "simulated") else name
         if key == "real-anatomy":
             entries.extend(real_anatomy_entries(path.parent, fallback_license))
@@ -53,6 +62,30 @@ def training_data(manifest: str | os.PathLike[str], stage: str, fallback_license
             entries.append({"name": name, "license": fallback_license or "unknown (set data_license in the config)",
                             "attribution": ""})
     return tuple(entries)
+
+
+SIMULATOR_TEXT_SOURCES = frozenset({"simulator", "simulated", "real-anatomy"})
+"""Pair sources whose instructions the simulator wrote (simulated pairs, and real-anatomy pairs:
+the simulator's findings and devices rendered on real films, described by the same text functions)."""
+
+
+def card_vocabulary(manifests: tuple[str, ...], stage: str) -> dict[str, list[str]]:
+    """``card.json["vocabulary"]`` for a model trained on ``manifests``.
+
+    A model trained only on pairs whose instructions the simulator wrote
+    (:data:`SIMULATOR_TEXT_SOURCES`) read only the simulator's words, whose vocabulary is derived
+    from its text functions (:func:`train.simulator.vocabulary.instruction_vocabulary`); the
+    workstation warns when an instruction falls outside it. For any other data the vocabulary is
+    not known here, and the card gets none (no warning rather than a wrong one).
+    """
+    names = set().union(*(source_names(m, stage) for m in manifests)) if manifests else set()
+    if not names or not names <= SIMULATOR_TEXT_SOURCES:
+        log.info("no instruction vocabulary on the card: trained on %s, not the simulator's instructions alone",
+                 ", ".join(sorted(names - SIMULATOR_TEXT_SOURCES)) or "unknown data")
+        return {}
+    from train.simulator.vocabulary import instruction_vocabulary
+
+    return instruction_vocabulary()
 
 
 def real_anatomy_entries(folder: Path, fallback_license: str | None) -> list[dict[str, str]]:
@@ -186,6 +219,7 @@ def export_run(
         description=str(cfg.extra.get("description", f"{cfg.stage} model trained with `python -m train fit`")),
         extra={"stage": cfg.stage, "steps": step, "ema": used_ema, "checkpoint": path.name,
                "arch": cfg.arch if not cfg.init_from else f"from {cfg.init_from}", "config": cfg.to_dict()},
+        vocabulary=card_vocabulary(cfg.manifests, cfg.stage),
     )
     try:
         save_model(out, card=card, vae=models.vae, unet=models.unet,

@@ -360,7 +360,8 @@ def save_checkpoint(out_dir: Path, step: int, trainee: Trainee, optimizer: torch
     """Writes ``checkpoints/step-NNNNNNN`` atomically, points ``latest`` at it, prunes old ones.
 
     Everything is safetensors + JSON (nothing is pickled): trained weights, EMA weights,
-    AdamW state, ``state.json`` with the step and the full config, and ``manifest.json``
+    AdamW state, ``state.json`` with the step, the full config and the CPU thread count
+    (:func:`cpu_threads`), and ``manifest.json``
     (see :func:`write_manifest`). Pruning keeps the ``keep`` newest checkpoints up to this
     step and removes any later one (left by a run that was resumed from an earlier checkpoint).
     """
@@ -423,6 +424,29 @@ def earlier_intact(path: Path) -> Path | None:
                 continue
             return folder
     return None
+
+
+def cpu_threads() -> int:
+    """The CPU threads torch computes with here (``OMP_NUM_THREADS``, ``torch.set_num_threads``).
+
+    Recorded in every checkpoint's ``state.json`` (``threads``): a CPU reduction splits its sum
+    by thread, so the same step at another thread count rounds differently (in about the 8th
+    significant digit), and a resumed run is bit-identical to an uninterrupted one only at the
+    thread count of the run that wrote its checkpoint.
+    """
+    return int(torch.get_num_threads())
+
+
+def thread_change_note(state: dict[str, Any], name: str) -> str | None:
+    """The log line for a resume at another CPU thread count than the checkpoint's, else None
+    (also None for checkpoints written before ``threads`` was recorded)."""
+    written = state.get("threads")
+    now = cpu_threads()
+    if written is None or int(written) == now:
+        return None
+    return (f"{name} was written with {written} CPU thread(s), this run uses {now}: float sums are split "
+            f"differently, so the result will not be bit-identical to an uninterrupted run (set "
+            f"OMP_NUM_THREADS={written} to resume exactly)")
 
 
 def resume_checkpoint(out_dir: Path, resume: str | os.PathLike[str] | None = None
@@ -722,6 +746,8 @@ def fit(cfg: TrainConfig, *, stop_at_step: int | None = None, resume: str | os.P
         start_step = int(ckpt["state"]["step"])
         if accelerator.is_main_process:
             log.info("resuming %s from %s (step %d)", out_dir, resume_path.name, start_step)
+            if (note := thread_change_note(ckpt["state"], resume_path.name)) is not None:
+                log.warning("%s", note)
         ckpt = None  # frees the loaded tensors
     if ema is not None:
         ema.shadow = {k: v.to(device) for k, v in ema.shadow.items()}
@@ -783,7 +809,7 @@ def fit(cfg: TrainConfig, *, stop_at_step: int | None = None, resume: str | os.P
             if accelerator.is_main_process:
                 save_checkpoint(out_dir, step, accelerator.unwrap_model(model), optimizer, ema, cfg,
                                 {"data": sampler.position(step * cfg.grad_accum), "world": world,
-                                 "vae_id": models.vae_id, "items": len(dataset),
+                                 "vae_id": models.vae_id, "items": len(dataset), "threads": cpu_threads(),
                                  "resumed_from": resume_path.name if resume_path else None}, cfg.keep_checkpoints)
         if stop_at_step is not None and step == stop_at_step:
             bar.close()
