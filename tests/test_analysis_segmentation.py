@@ -140,3 +140,18 @@ def test_cardiothoracic_ratio_of_drawn_masks_and_of_the_simulator(cardiomegaly_p
     prior, cf = cardiomegaly_pair
     before, after = seg.cardiothoracic_ratio(prior.masks), seg.cardiothoracic_ratio(cf.masks)
     assert 0.3 < before < 0.55 and after > before + 0.1
+
+
+def test_one_piece_structures_lose_specks_and_holes_and_two_piece_ones_keep_both():
+    from engine.analysis.segmentation import _clean
+
+    lung = np.zeros((40, 40), bool)
+    lung[5:30, 5:15] = True
+    lung[12:15, 8:11] = False  # a hole where an opacity crossed the lung
+    lung[35:37, 30:32] = True  # a speck under the diaphragm
+    cleaned = _clean("left_lung", lung)
+    assert cleaned[12:15, 8:11].all() and not cleaned[35:37, 30:32].any()
+    clavicles = np.zeros((40, 40), bool)
+    clavicles[2:4, 2:12], clavicles[2:4, 28:38] = True, True
+    assert np.array_equal(_clean("clavicles", clavicles), clavicles)
+    assert not _clean("heart", np.zeros((4, 4), bool)).any()

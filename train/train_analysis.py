@@ -215,7 +215,10 @@ def evaluate_net(net, kind: str, images: torch.Tensor, target: torch.Tensor, tar
         values = [v for v in metrics.values() if np.isfinite(v)]
         metrics["auroc/mean"] = float(np.mean(values)) if values else float("nan")
     else:
+        from engine.analysis.segmentation import _clean
+
         pred = (logits > 0).numpy()
+        pred = np.stack([[_clean(name, pred[j, i]) for i, name in enumerate(targets)] for j in range(len(pred))])
         truth = target.numpy()
         for i, name in enumerate(targets):
             rows = np.flatnonzero(known_np[:, i])

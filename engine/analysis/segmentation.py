@@ -94,7 +94,27 @@ class Segmenter(abc.ABC):
         if not 0 < threshold < 1:
             raise InputError(f"the mask threshold must be in (0, 1), not {threshold}")
         probs = self.probabilities(images, batch_size).numpy() >= threshold
-        return [{name: probs[b, k] for k, name in enumerate(self.structures)} for b in range(probs.shape[0])]
+        return [{name: _clean(name, probs[b, k]) for k, name in enumerate(self.structures)}
+                for b in range(probs.shape[0])]
+
+
+SINGLE_PIECE = frozenset({"left_lung", "right_lung", "heart", "trachea"})
+"""Structures that are one connected piece on a frontal film: a segmentation keeps only its
+largest component, holes filled (on real films the networks add specks under the diaphragm and
+in the neck, and leave holes where an opacity or a device crosses a lung)."""
+
+
+def _clean(name: str, mask: np.ndarray) -> np.ndarray:
+    """``mask`` as one filled piece for :data:`SINGLE_PIECE` structures; unchanged otherwise."""
+    if name not in SINGLE_PIECE or not mask.any():
+        return mask
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        sizes = ndimage.sum(mask, labels, index=np.arange(1, n + 1))
+        mask = labels == 1 + int(np.argmax(sizes))
+    return ndimage.binary_fill_holes(mask)
 
 
 class XRVSegmenter(Segmenter):
