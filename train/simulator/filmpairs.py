@@ -257,12 +257,16 @@ class MaskSource:
         return self._segment(pixels), "segmenter"
 
     def _segment(self, pixels: np.ndarray) -> np.ndarray:
+        """The segmenter's lungs on the letterboxed film, mapped back onto the film's own grid."""
         from engine.analysis.segmentation import load_segmenter
+        from engine.io import to_square
 
         if self._segmenter is None:
             self._segmenter = load_segmenter(self._segmenter_spec)
-        masks = self._segmenter.segment([pixels])[0]
-        return np.asarray(masks["left_lung"], dtype=bool) | np.asarray(masks["right_lung"], dtype=bool)
+        canvas, transform = to_square(pixels, self._segmenter.input_resolution)
+        masks = self._segmenter.segment([canvas])[0]
+        lungs = np.asarray(masks["left_lung"], dtype=bool) | np.asarray(masks["right_lung"], dtype=bool)
+        return transform.invert(lungs.astype(np.float32)) > 0.5
 
 
 # --------------------------------------------------------------------------------------------

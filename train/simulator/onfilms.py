@@ -220,6 +220,16 @@ def split_lungs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return out[0], out[1]
 
 
+def _smooth_outline(mask: np.ndarray, size: int) -> np.ndarray:
+    """A lung's mask closed over 4 px (at 256 px) with holes filled: a lung's outline has no notches
+    or islands, but a segmenter's mask can (at the hilum, under a device), and every fill would
+    leave them as dark holes in the rendered finding."""
+    r = max(1, int(round(4 * size / 256)))
+    padded = np.pad(mask, r + 1)
+    closed = ndimage.binary_closing(padded, structure=np.ones((3, 3), bool), iterations=r)[r + 1:-r - 1, r + 1:-r - 1]
+    return ndimage.binary_fill_holes(closed)
+
+
 def _fit_lung(mask: np.ndarray, sign: int) -> Lung:
     size = mask.shape[0]
     rows = np.flatnonzero(mask.any(axis=1))
@@ -338,7 +348,7 @@ def fit_anatomy(image: np.ndarray, lungs: np.ndarray, *, content: np.ndarray | N
     if outside > 0.01:
         raise InputError(f"{outside:.0%} of the lung mask lies outside the film (or on its edge); "
                          "the mask does not fit this film")
-    img_left, img_right = split_lungs(lungs)
+    img_left, img_right = (_smooth_outline(m, size) for m in split_lungs(lungs))
     right, left = _fit_lung(img_left, -1), _fit_lung(img_right, 1)
     logit = to_logit(image)
     heart, heart_rows, hr, hl = _heart(right, left, logit)
