@@ -129,7 +129,8 @@ class FilmAnatomy:
         tissue: the film's soft-tissue level (median log-odds of the heart region).
         lung_level: median log-odds of the lungs.
         air: (S, S) how much air each pixel shows, ``max(tissue - blur(L), 0)``.
-        markings: (S, S) band-pass of ``L`` (0.5-3.5 px at 256 px: vessels and airways, not the grain).
+        markings: (S, S) what a fill hides of the film's detail (``L`` minus its 5 px blur at 256 px):
+            all of its darker part (airways, gaps) and 80 % of its bounded brighter part.
         texture: (S, S) [0, 1] smooth random field (patchiness of opacities), from ``seed``.
         content: (S, S) bool, the film's own pixels (a margin in from the letterbox); changes stay inside.
         base: (S, S) the film's log-odds blurred over 4 px (at 256 px): its local level.
@@ -376,13 +377,16 @@ def fit_anatomy(image: np.ndarray, lungs: np.ndarray, *, content: np.ndarray | N
     air = np.clip(tissue - base, 0.0, 1.25 * (tissue - lung_level)).astype(F32)
     # the air outside the body is darker than any lung: nothing is rendered there
     darkest = float(np.percentile(base[right.mask | left.mask], 2))
-    body = base >= darkest - 0.15 * (tissue - lung_level)
+    body = ndimage.binary_fill_holes(base >= darkest - 0.15 * (tissue - lung_level))  # a dark bronchus is inside
     inner = inner & ndimage.binary_opening(body, iterations=2)
     fine = ndimage.gaussian_filter(logit, 0.5 * px)
-    markings = fine - ndimage.gaussian_filter(logit, 3.5 * px)
-    # bounded: a bright electrode or a dome's edge is not a vessel, and removing it must not dig a hole
-    bound = 2.5 * float(np.std(markings[right.mask | left.mask]))
-    markings = np.clip(markings, -bound, bound).astype(F32)
+    detail = fine - ndimage.gaussian_filter(logit, 5.0 * px)
+    # What fluid or tissue hides where it replaces air: every darker structure (vessels' gaps, the
+    # air of the bronchi, which would otherwise stay as black islands in an effusion) and half of
+    # most of every brighter one (vessels; bones and wires stay faintly visible through fluid), that part
+    # bounded so that an electrode or a dome's edge is not dug out.
+    bound = 2.5 * float(np.std(detail[right.mask | left.mask]))
+    markings = (np.minimum(detail, 0.0) + 0.8 * np.clip(detail, 0.0, bound)).astype(F32)
     # thin bright lines only (a white top-hat): the vessels, not the ribs' edges
     width = max(3, int(round(5 * px)) | 1)
     vessels = (fine - ndimage.grey_opening(fine, size=(width, width))).astype(F32)
