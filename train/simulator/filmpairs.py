@@ -411,7 +411,8 @@ def _film_job(job: tuple[FilmPairsConfig, int, Film]) -> tuple[dict[str, Any], l
     images = {}
     for image_id, render in renders.values():
         images[image_id] = _write_film_image(config, film, split, image_id, anatomy, render, visits[image_id],
-                                             premises[image_id], heart_ok, order=0 if image_id.endswith("-film") else 1)
+                                             premises[image_id], heart_ok, order=0 if image_id.endswith("-film") else 1,
+                                             mask_source=source)
     for pair in pairs:  # the labels each image knows, as the pair records carry them
         pair.labels_prior.update(images[pair.prior_id].labels)
         pair.labels_followup.update(images[pair.followup_id].labels)
@@ -419,12 +420,13 @@ def _film_job(job: tuple[FilmPairsConfig, int, Film]) -> tuple[dict[str, Any], l
 
 
 def _write_film_image(config: FilmPairsConfig, film: Film, split: str, image_id: str, anatomy: FilmAnatomy,
-                      rendered, visit: Visit, premises: set[str], heart_ok: bool, *, order: int) -> ImageRecord:
+                      rendered, visit: Visit, premises: set[str], heart_ok: bool, *, order: int,
+                      mask_source: str) -> ImageRecord:
     """Writes one rendered image with its structure bits; returns its record.
 
     What is known about it: the findings rendered on it (present), ``premises`` (findings an edit
-    adds to it or resolves to it: taken as absent), and devices when it has rendered ones or the
-    film is listed as device-free.
+    adds to it or resolves to it: taken as absent), devices when it has rendered ones or the film
+    is listed as device-free, and its structures unless its lungs came from a segmenter.
     """
     out = Path(config.out)
     truth = chexpert_labels(visit.findings, visit.devices)
@@ -437,6 +439,8 @@ def _write_film_image(config: FilmPairsConfig, film: Film, split: str, image_id:
     if heart_ok:
         masks["heart"] = rendered.heart
         mask_known.append("heart")
+    if mask_source == "segmenter":  # a segmenter's own output is no truth to train a segmenter on
+        mask_known = []
     bits = np.zeros(anatomy.image.shape, dtype=np.uint16)
     for name, mask in masks.items():
         bits |= (np.asarray(mask, dtype=np.uint16) << MASK_BITS[name]).astype(np.uint16)
