@@ -10,6 +10,8 @@ A model is a folder of diffusers-style parts plus a card::
       text_projection/           optional: config.json + model.safetensors, a Linear from the
                                  text encoder's width to the UNet's cross-attention width
       text_encoder/, tokenizer/  optional: the text encoder, when it ships inside the folder
+      unet_fast/                 optional: a distilled student of unet/ (the fast sampler,
+                                 engine/fast.py), described by card.json["fast_sampler"]
 
 ``card.json["text_encoder"]`` says where the encoder comes from (``source``): a folder inside
 the model (``"text_encoder"``), an absolute local path, a Hugging Face id, or
@@ -61,6 +63,12 @@ PRISM_SCHEDULER: dict[str, Any] = {
 """PRISM's DDIM settings, given to Stable Diffusion pipeline folders (SD 1.5's own schedule)."""
 PIPELINE_PARTS = ("model_index.json", "vae", "unet", "scheduler", "text_encoder", "tokenizer")
 """What of a Stable Diffusion pipeline folder the engine reads (and hashes)."""
+FAST_PART = "unet_fast"
+"""The folder of an instruct model's distilled student (:class:`FastSampler`)."""
+TEACHER_PARTS = ("vae", "unet", "scheduler", "text_projection", "text_encoder", "tokenizer")
+"""What decides a teacher's outputs, with the card's conditioning fields (:func:`teacher_digest`)."""
+TEACHER_CARD_FIELDS = ("method", "resolution", "text_encoder", "latent_scaling", "instruct_target", "change_scaling",
+                       "position_channels", "value_range")
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,100 @@ class TextEncoderSpec:
     backend: str
     source: str
     max_tokens: int
+
+
+@dataclass(frozen=True)
+class FastSampler:
+    """An instruct model's distilled student: what ``card.json["fast_sampler"]`` says.
+
+    The student (``unet_fast/``, a diffusers ``UNet2DConditionModel`` with
+    ``time_cond_proj_dim == 2 * guidance_dim``) was trained by ``python -m train fit`` with
+    ``stage: distill`` to give, in a few steps of one UNet call each, what the folder's own UNet
+    (the teacher) gives in ``len(teacher_timesteps)`` DDIM steps with dual guidance
+    (:mod:`engine.fast`).
+
+    Attributes:
+        steps: the steps the fast path takes by default (the app's).
+        teacher_timesteps: the teacher's DDIM timesteps the student was trained on; it runs on
+            a subset of them (1 to all of them steps).
+        guidance_dim: width of the guidance embedding per scale.
+        text_guidance_range, image_guidance_range: the guidance scales it was trained on
+            (``[low, high]``); outside them the engine uses the full sampler.
+        teacher: :func:`teacher_digest` of the teacher it was distilled from. A folder whose
+            teacher changed since (a retrained ``unet/``) is refused until distilled again.
+        prediction_type: what the student predicts (always ``v_prediction``).
+        part: the student's folder (``unet_fast``).
+        made_by: the commands that made it.
+        quality: measured quality against the teacher, each entry naming its command.
+        extra: training details (run, checkpoint, steps, data).
+    """
+
+    steps: int
+    teacher_timesteps: tuple[int, ...]
+    guidance_dim: int
+    text_guidance_range: tuple[float, float]
+    image_guidance_range: tuple[float, float]
+    teacher: str
+    prediction_type: str = "v_prediction"
+    part: str = FAST_PART
+    made_by: str = ""
+    quality: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = CARD_FILE) -> FastSampler:
+        """Parses and checks ``card.json["fast_sampler"]``.
+
+        Raises:
+            ModelFolderError: a missing or unknown key, or a value out of range.
+        """
+        if not isinstance(data, dict):
+            raise ModelFolderError(f"{where}: fast_sampler must be an object")
+        known = set(cls.__dataclass_fields__)
+        missing = sorted(k for k in ("steps", "teacher_timesteps", "guidance_dim", "text_guidance_range",
+                                     "image_guidance_range", "teacher") if k not in data)
+        unknown = sorted(set(data) - known)
+        if missing or unknown:
+            raise ModelFolderError(f"{where}: fast_sampler " + "; ".join(
+                ([f"lacks {', '.join(missing)}"] if missing else []) + ([f"has unknown {', '.join(unknown)}"] if unknown else [])))
+        try:
+            spec = cls(**{**data, "teacher_timesteps": tuple(int(t) for t in data["teacher_timesteps"]),
+                          "text_guidance_range": tuple(float(v) for v in data["text_guidance_range"]),
+                          "image_guidance_range": tuple(float(v) for v in data["image_guidance_range"]),
+                          "steps": int(data["steps"]), "guidance_dim": int(data["guidance_dim"])})
+        except (TypeError, ValueError) as exc:
+            raise ModelFolderError(f"{where}: fast_sampler has a value of the wrong type ({exc})") from None
+        ts = spec.teacher_timesteps
+        if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or ts[-1] < 0:
+            raise ModelFolderError(f"{where}: fast_sampler.teacher_timesteps must be decreasing and >= 0")
+        if not 1 <= spec.steps <= len(ts):
+            raise ModelFolderError(f"{where}: fast_sampler.steps must be 1 to {len(ts)}, not {spec.steps}")
+        if spec.guidance_dim < 4 or spec.guidance_dim % 2:
+            raise ModelFolderError(f"{where}: fast_sampler.guidance_dim must be even and >= 4")
+        for name in ("text_guidance_range", "image_guidance_range"):
+            value = getattr(spec, name)
+            if len(value) != 2 or not 0 <= value[0] <= value[1]:
+                raise ModelFolderError(f"{where}: fast_sampler.{name} must be [low, high] with 0 <= low <= high")
+        if spec.prediction_type != "v_prediction" or spec.part != FAST_PART:
+            raise ModelFolderError(f"{where}: fast_sampler must predict v_prediction from {FAST_PART}/")
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (the card's ``fast_sampler``)."""
+        data = asdict(self)
+        for name in ("teacher_timesteps", "text_guidance_range", "image_guidance_range"):
+            data[name] = list(data[name])
+        return data
+
+    @property
+    def max_steps(self) -> int:
+        """The most steps the student takes: every teacher timestep."""
+        return len(self.teacher_timesteps)
+
+    def covers(self, text_guidance: float, image_guidance: float) -> bool:
+        """Whether both guidance scales lie in the ranges the student was trained on."""
+        (tl, th), (il, ih) = self.text_guidance_range, self.image_guidance_range
+        return tl <= text_guidance <= th and il <= image_guidance <= ih
 
 
 @dataclass(frozen=True)
@@ -110,6 +212,8 @@ class ModelCard:
         metrics: measured quality, each entry naming the command that produced it.
         description: free text for the model card page.
         extra: anything else worth keeping (training steps, hardware, commands).
+        fast_sampler: an instruct model's distilled student in ``unet_fast/``
+            (:class:`FastSampler`'s fields), or None.
         format_version: version of this folder format.
         vocabulary: what the model's training instructions said, as lists of phrases:
             ``findings``, ``devices``, ``changes``, ``severities``, ``sides``
@@ -133,6 +237,7 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    fast_sampler: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
     vocabulary: dict[str, list[str]] = field(default_factory=dict)
 
@@ -143,6 +248,8 @@ class ModelCard:
         data["training_data"] = list(self.training_data)
         if not self.vocabulary:
             del data["vocabulary"]
+        if self.fast_sampler is None:
+            del data["fast_sampler"]  # cards without a student read as they always did
         return data
 
     @classmethod
@@ -215,6 +322,15 @@ class ModelCard:
             check_vocabulary(self.vocabulary, where=where)
         except ValueError as exc:
             raise ModelFolderError(str(exc)) from None
+        if self.fast_sampler is not None:
+            if self.method != "instruct":
+                raise ModelFolderError(f"{where}: fast_sampler is for instruct models only")
+            FastSampler.from_dict(self.fast_sampler, where=where)
+
+    @property
+    def fast(self) -> FastSampler | None:
+        """The distilled student's description, or None when the folder has none."""
+        return None if self.fast_sampler is None else FastSampler.from_dict(self.fast_sampler)
 
     @property
     def diffuses_change(self) -> bool:
@@ -239,6 +355,7 @@ class ModelParts:
         scheduler_config: the saved noise schedule (a dict for ``Scheduler.from_config``).
         text_projection: Linear from encoder width to cross-attention width, or None (identity).
         root: local folder the parts were read from (stays on this machine).
+        unet_fast: the distilled student (``unet_fast/``), or None (see :class:`FastSampler`).
         model_id: the model's id as exports and provenance name it: the hub id, or the local
             folder's name, never its path (see :func:`model_id`).
         content_hash: sha256 over every file in the folder (see :func:`content_hash`).
@@ -252,6 +369,7 @@ class ModelParts:
     root: Path
     model_id: str
     content_hash: str
+    unet_fast: Any = None
 
 
 def model_id(model: str | os.PathLike[str], root: Path) -> str:
@@ -341,6 +459,40 @@ def content_hash(root: Path, parts: tuple[str, ...] | None = None) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def teacher_digest(root: Path, card: ModelCard) -> str:
+    """Sha256 of what decides an instruct model's outputs: the files of :data:`TEACHER_PARTS`
+    and the card's conditioning fields (:data:`TEACHER_CARD_FIELDS`), not the student, the
+    metrics or the description. A student records its teacher's digest, so a folder whose
+    ``unet/`` (or VAE, schedule, text path) was replaced since is recognised as a new teacher."""
+    digest = hashlib.sha256(content_hash(root, parts=TEACHER_PARTS).encode())
+    fields = {k: v for k, v in card.to_dict().items() if k in TEACHER_CARD_FIELDS}
+    digest.update(json.dumps(fields, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def validate_fast_part(card: ModelCard, unet_config: Any, fast_config: Any, *, where: str = FAST_PART) -> None:
+    """Checks that a student fits its teacher and the card, from the configs alone.
+
+    The student may be smaller than the teacher, but it reads the same inputs (noisy latent,
+    prior latent, coordinate maps; the projected text) and predicts the same latent channels,
+    with the guidance embedding of the card's width as ``timestep_cond``.
+
+    Raises:
+        ModelFolderError: naming what does not fit.
+    """
+    spec = card.fast
+    if spec is None:
+        raise ModelFolderError(f"{where}/ is present but card.json has no fast_sampler entry; "
+                               "export the student with `python -m train export` or remove the folder")
+    for key in ("in_channels", "out_channels", "cross_attention_dim"):
+        if int(fast_config.get(key, -1)) != int(unet_config[key]):
+            raise ModelFolderError(f"{where}: {key}={fast_config.get(key)} does not match the teacher's "
+                                   f"{unet_config[key]}")
+    if fast_config.get("time_cond_proj_dim") != 2 * spec.guidance_dim:
+        raise ModelFolderError(f"{where}: time_cond_proj_dim must be 2 * fast_sampler.guidance_dim = "
+                               f"{2 * spec.guidance_dim}, not {fast_config.get('time_cond_proj_dim')}")
 
 
 def _require_part(root: Path, name: str, config: str) -> Path:
@@ -558,6 +710,7 @@ def load_model_parts(
         raise ModelFolderError(f"{root}/scheduler: prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
                                f"not {prediction!r}")
     name = model_id(model, root)
+    unet_fast = _load_fast_part(root, card, unet_config, torch_dtype) if not pipeline else None
     if unet is not None:
         unet_module, unet_digest = _load_unet_override(unet, unet_config, torch_dtype)
         validate_parts(card, vae_config, dict(unet_module.config), proj)
@@ -565,6 +718,8 @@ def load_model_parts(
         unet_name = model_id(unet, Path(unet))
         name = f"{name} + unet {unet_name}"
         card = replace(card, extra={**card.extra, "unet_override": unet_name})
+        if unet_fast is not None:  # the student learned the folder's own UNet, not the override
+            unet_fast, card = None, replace(card, fast_sampler=None)
     vae.requires_grad_(False).eval()
     unet_module.requires_grad_(False).eval()
     return ModelParts(
@@ -576,7 +731,38 @@ def load_model_parts(
         root=root,
         model_id=name,
         content_hash=digest,
+        unet_fast=unet_fast,
     )
+
+
+def _load_fast_part(root: Path, card: ModelCard, unet_config: dict[str, Any], torch_dtype: torch.dtype) -> Any:
+    """The student in ``unet_fast/`` (None without one), checked against the card and its teacher.
+
+    Raises:
+        ModelFolderError: a student without a card entry (or the reverse), one that does not fit
+            the teacher's inputs, or one distilled from another teacher.
+    """
+    from diffusers import UNet2DConditionModel
+
+    folder = root / FAST_PART
+    if card.fast_sampler is None:
+        if folder.exists():
+            validate_fast_part(card, unet_config, {}, where=str(folder))  # raises: no card entry
+        return None
+    _require_part(root, FAST_PART, "config.json")
+    validate_fast_part(card, unet_config, _read_json(folder / "config.json"), where=str(folder))
+    spec = card.fast
+    if spec.teacher != teacher_digest(root, card):
+        raise ModelFolderError(
+            f"{folder} was distilled from another teacher than this folder's unet/ (the UNet, VAE, schedule or "
+            f"text path changed since): distil it again (python -m train fit --stage distill, see docs/TRAINING.md), "
+            f"or delete {FAST_PART}/ and card.json's fast_sampler to use the full sampler only"
+        )
+    try:
+        module = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True, torch_dtype=torch_dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelFolderError(f"Could not load the student in {folder}: {exc}") from exc
+    return module.requires_grad_(False).eval()
 
 
 def _save_network(module: Any, folder: Path) -> None:
@@ -614,6 +800,7 @@ def save_model(
     text_projection: torch.nn.Linear | None = None,
     text_encoder_folder: str | os.PathLike[str] | None = None,
     vae_files: Sequence[str | os.PathLike[str]] = (),
+    unet_fast: Any = None,
     overwrite: bool = False,
 ) -> Path:
     """Writes a model folder atomically: safetensors shards of at most 15 MB per file (14 MB of tensors) and a card.
@@ -631,6 +818,9 @@ def save_model(
             ``card.text_encoder.source`` to ``"text_encoder"`` to use it).
         vae_files: files copied into ``out/vae`` beside the weights (a third-party autoencoder's
             ``LICENSE`` and ``PROVENANCE.json``).
+        unet_fast: an instruct model's distilled student, written to ``unet_fast/``
+            (``card.fast_sampler`` describes it; :func:`add_fast_sampler` adds one to an
+            existing folder).
         overwrite: replace an existing folder.
 
     Raises:
@@ -639,6 +829,10 @@ def save_model(
     out = Path(out)
     card.validate()
     validate_parts(card, vae.config, unet.config, text_projection)
+    if (unet_fast is None) != (card.fast_sampler is None):
+        raise ModelFolderError("a student (unet_fast) and card.fast_sampler go together: give both or neither")
+    if unet_fast is not None:
+        validate_fast_part(card, unet.config, unet_fast.config)
     if out.exists() and not overwrite:
         raise ModelFolderError(f"{out} already exists; pass overwrite=True to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -648,6 +842,8 @@ def save_model(
         for extra in vae_files:
             shutil.copyfile(extra, tmp / "vae" / Path(extra).name)
         _save_network(unet, tmp / "unet")
+        if unet_fast is not None:
+            _save_network(unet_fast, tmp / FAST_PART)
         scheduler.save_pretrained(tmp / "scheduler")
         if text_projection is not None:
             (tmp / "text_projection").mkdir()
@@ -669,3 +865,63 @@ def save_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def add_fast_sampler(folder: str | os.PathLike[str], unet_fast: Any, spec: FastSampler, *,
+                     overwrite: bool = False) -> Path:
+    """Writes a distilled student into an existing instruct model folder, beside its teacher.
+
+    The folder is rebuilt next to itself (files hard-linked, ``card.json`` rewritten with
+    ``fast_sampler``, the student in ``unet_fast/``) and swapped in, so a crash leaves either the
+    old folder or the new one.
+
+    Args:
+        folder: the teacher's model folder.
+        unet_fast: the student (``UNet2DConditionModel`` with ``time_cond_proj_dim``).
+        spec: its description; ``spec.teacher`` must be this folder's :func:`teacher_digest`.
+        overwrite: replace a student the folder already has.
+
+    Raises:
+        ModelFolderError: not an instruct model folder, another teacher, a student that does not
+            fit, or an existing student without ``overwrite``.
+    """
+    root = Path(folder)
+    card = read_card(root)
+    if card.method != "instruct":
+        raise ModelFolderError(f"{root} is a {card.method} model; only instruct models take a fast sampler")
+    if card.fast_sampler is not None and not overwrite:
+        raise ModelFolderError(f"{root} already has a fast sampler ({FAST_PART}/); pass overwrite to replace it")
+    if spec.teacher != teacher_digest(root, card):
+        raise ModelFolderError(f"{root} is not the teacher this student was distilled from (its weights, schedule "
+                               "or conditioning differ); export into that teacher's folder or a copy of it")
+    new_card = replace(card, fast_sampler=spec.to_dict())
+    new_card.validate()
+    validate_fast_part(new_card, _read_json(root / "unet" / "config.json"), unet_fast.config)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    old = root.with_name(f".{root.name}.old")
+    try:
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root)
+            if rel.parts[0] == FAST_PART or rel.as_posix() == CARD_FILE:
+                continue
+            if path.is_dir():
+                (tmp / rel).mkdir(parents=True, exist_ok=True)
+            else:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(path, tmp / rel)
+                except OSError:
+                    shutil.copy2(path, tmp / rel)
+        _save_network(unet_fast, tmp / FAST_PART)
+        (tmp / CARD_FILE).write_text(json.dumps(new_card.to_dict(), indent=2, sort_keys=True) + "\n")
+        _default_permissions(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(root, old)
+        os.replace(tmp, root)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not root.exists():
+            os.replace(old, root)
+        raise
+    return root

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from engine.checkpoint import ModelCard, ModelParts, load_model_parts
+from engine.checkpoint import FastSampler, ModelCard, ModelParts, load_model_parts
 from engine.errors import InputError, ModelFolderError
+from engine.fast import fast_timesteps, sample_fast
 from engine.graphs import GraphedUNet
 from engine.instruct import SCHEDULERS, make_scheduler, null_image_latents, sample_instruct
 from engine.io import SquareTransform, XRay, to_square
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from engine.analysis.clip_score import ClipScorer
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "models" / "journey-mini"
+FULL_STEPS = 20  # the full sampler's default steps
+SAMPLERS = ("auto", "fast", "full")
 MAX_INSTRUCTION_CHARS = 1000
 INVERSION_CACHE_SIZE = 8
 TEXT_CACHE_SIZE = 32  # projected text embeddings kept on the device (a few MB at most)
@@ -94,7 +97,8 @@ class EditRequest:
         instruction: the progression description, as typed.
         severity: ``none`` (use the text as typed), ``slight``, ``moderate`` or ``large``
             (rewrites the text by the rule in :mod:`engine.severity`).
-        steps: denoising steps.
+        steps: denoising steps; None: the sampler's own (the fast sampler's card value, 20 for
+            the full one).
         text_guidance: ``s_txt`` of dual classifier-free guidance.
         image_guidance: ``s_img``.
         seed: random seed; None draws one, and the result records it.
@@ -103,16 +107,23 @@ class EditRequest:
             decoded change exceeds this on the [0, 1] scale, the output is the decoded edit
             itself rather than the input plus the change, so detail the VAE cannot hold (thin
             device lines) can be removed; None adds the change to the input everywhere.
+        sampler: ``auto`` (the fast sampler when the model has one and the request asks for
+            nothing it cannot do: no explicit ``steps``, the ``ddim`` scheduler, guidance
+            within its trained ranges, the prior not withheld; else the full one), ``fast``
+            (the distilled student, :mod:`engine.fast`: one UNet call per step) or ``full``
+            (the model's own UNet with three guidance branches per step). A result's request
+            records the sampler that made it, never ``auto``.
     """
 
     instruction: str
     severity: str = "none"
-    steps: int = 20
+    steps: int | None = None
     text_guidance: float = 7.5
     image_guidance: float = 1.5
     seed: int | None = None
     scheduler: str = "ddim"
     detail_threshold: float | None = DETAIL_THRESHOLD
+    sampler: str = "auto"
 
     def validated(self) -> EditRequest:
         """Checks every field and returns the request with a seed filled in.
@@ -125,8 +136,11 @@ class EditRequest:
             raise InputError(f"severity must be one of {', '.join(SEVERITIES)}, not {self.severity!r}")
         if self.scheduler not in SCHEDULERS:
             raise InputError(f"scheduler must be one of {', '.join(SCHEDULERS)}, not {self.scheduler!r}")
-        if not isinstance(self.steps, int) or not 1 <= self.steps <= 500:
-            raise InputError(f"steps must be an integer from 1 to 500, not {self.steps!r}")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                       or not 1 <= self.steps <= 500):
+            raise InputError(f"steps must be an integer from 1 to 500 (or none: the sampler's own), not {self.steps!r}")
+        if self.sampler not in SAMPLERS:
+            raise InputError(f"sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}")
         for name in ("text_guidance", "image_guidance"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not np.isfinite(value) or not 0 <= value <= 50:
@@ -163,6 +177,8 @@ class Counterfactual:
             shared by every item of a batched call.
         prior_withheld: True for the text-only baseline (the model did not see the prior).
         regions: area fractions of the edit/keep masks the edit was confined by, or None.
+        sampler_note: why ``auto`` chose the full sampler on a model that has a fast one (None
+            otherwise).
         synthetic: always True: this image was generated.
     """
 
@@ -179,10 +195,20 @@ class Counterfactual:
     timings: dict[str, float] = field(default_factory=dict)
     prior_withheld: bool = False
     regions: dict[str, float | None] | None = None
+    sampler_note: str | None = None
     synthetic: bool = True
+
+    @property
+    def sampler(self) -> str:
+        """``fast`` (the distilled student) or ``full`` (the model's own UNet, three branches)."""
+        return self.request.sampler
 
     def provenance(self) -> dict[str, Any]:
         """JSON-ready record of how this image was made (no patient identifiers)."""
+        sampler = {"path": self.request.sampler, "steps": self.request.steps,
+                   "unet": "unet_fast" if self.request.sampler == "fast" else "unet"}
+        if self.sampler_note:
+            sampler["note"] = self.sampler_note
         record = {
             "synthetic": True,
             "notice": SYNTHETIC_LABEL,
@@ -191,7 +217,8 @@ class Counterfactual:
             "instruction_applied": self.instruction_applied,
             "model_id": self.model_id,
             "model_hash": self.model_hash,
-            "scheduler": self.request.scheduler,
+            "sampler": sampler,
+            "scheduler": "fast (distilled DDIM)" if self.request.sampler == "fast" else self.request.scheduler,
             "seed": self.request.seed,
             "device": self.device,
             "dtype": self.dtype,
@@ -474,6 +501,10 @@ class Engine:
         # load() reads the weights in ``dtype`` already; cast only parts built otherwise.
         self.vae = parts.vae.to(device) if parts.vae.dtype == dtype else parts.vae.to(device, dtype)
         self.unet = parts.unet.to(device) if parts.unet.dtype == dtype else parts.unet.to(device, dtype)
+        self.fast: FastSampler | None = self.card.fast  # the distilled student's card entry, or None
+        fast_unet = parts.unet_fast
+        self.unet_fast = None if fast_unet is None else (
+            fast_unet.to(device) if fast_unet.dtype == dtype else fast_unet.to(device, dtype))
         self.projection = (
             parts.text_projection.to(device=device, dtype=dtype) if parts.text_projection else None
         )
@@ -481,9 +512,14 @@ class Engine:
         if channels_last:  # NHWC convolutions: faster on CPUs and GPUs; pixels within ~2e-5 (tests)
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
+            if self.unet_fast is not None:
+                self.unet_fast.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
-        # The instruct sampler's UNet: replayed from CUDA graphs when asked (engine.graphs).
+        # The instruct samplers' UNets: replayed from CUDA graphs when asked (engine.graphs).
         self.denoiser = GraphedUNet(self.unet) if cuda_graphs else self.unet
+        self.fast_denoiser = None if self.unet_fast is None else (
+            GraphedUNet(self.unet_fast) if cuda_graphs else self.unet_fast)
+        self._fast_schedule: tuple[torch.Tensor, float] | None = None
         self._lock = threading.Lock()
         self._inversions: OrderedDict[tuple, Any] = OrderedDict()
         self.text_cache_size = TEXT_CACHE_SIZE  # 0 turns the embedding cache off (benchmarks)
@@ -724,10 +760,12 @@ class Engine:
             self._priors.clear()
 
     def warm_up(self) -> None:
-        """Runs one 2-step edit of a blank image, so the first user's edit meets warm kernels
-        (and, with CUDA graphs, a captured graph for the one-edit shape)."""
+        """Runs one 2-step edit of a blank image on each sampler, so the first user's edit meets
+        warm kernels (and, with CUDA graphs, a captured graph for the one-edit shape)."""
         blank = np.full((self.resolution, self.resolution), 0.5, np.float32)
-        self.counterfactual(blank, "no change", steps=2, seed=0)
+        self.counterfactual(blank, "no change", steps=2, seed=0, sampler="full")
+        if self.fast is not None:
+            self.counterfactual(blank, "no change", seed=0, sampler="fast")
 
     def prepare(self, image: XRay | np.ndarray) -> tuple[np.ndarray, SquareTransform]:
         """Letterboxes an input onto the model's square canvas.
@@ -736,6 +774,56 @@ class Engine:
             InputError: not a finite 2-D image in [0, 1] (see :func:`engine.io.check_intensity`).
         """
         return to_square(image, self.resolution)
+
+    # -- samplers -----------------------------------------------------------------------------
+    def resolve(self, request: EditRequest, *, withhold_prior: bool = False) -> tuple[EditRequest, str | None]:
+        """The request with its sampler and steps decided (``fast`` or ``full``, never ``auto``).
+
+        ``auto`` takes the fast sampler when this model has one and the request asks for nothing
+        the student cannot do; the reason it did not is returned beside the request.
+
+        Args:
+            request: a validated request.
+            withhold_prior: the text-only baseline (the student never learned it).
+
+        Returns:
+            ``(request, note)``: note is None unless ``auto`` chose the full sampler on a model
+            with a fast one.
+
+        Raises:
+            InputError: ``fast`` asked of a model without a student, or with settings it cannot take.
+        """
+        fast = self.fast
+        why_not = None
+        if fast is None:
+            why_not = "this model has no fast sampler (unet_fast/); distil one with `python -m train fit` (stage distill)"
+        elif withhold_prior:
+            why_not = "the text-only baseline (prior withheld) runs on the full sampler"
+        elif request.scheduler != "ddim":
+            why_not = f"the fast sampler has its own schedule; scheduler {request.scheduler!r} is the full sampler's"
+        elif not fast.covers(request.text_guidance, request.image_guidance):
+            (tl, th), (il, ih) = fast.text_guidance_range, fast.image_guidance_range
+            why_not = (f"guidance outside the fast sampler's trained ranges (text {tl:g}-{th:g}, "
+                       f"image {il:g}-{ih:g})")
+        elif request.steps is not None and not 1 <= request.steps <= fast.max_steps:
+            why_not = f"the fast sampler takes 1 to {fast.max_steps} steps, not {request.steps}"
+        if request.sampler == "fast":
+            if why_not is not None:
+                raise InputError(f"sampler 'fast' cannot run this request: {why_not}; use sampler 'full'")
+            return replace(request, steps=request.steps or fast.steps), None
+        if request.sampler == "auto" and why_not is None and request.steps is None:
+            return replace(request, sampler="fast", steps=fast.steps), None
+        note = None
+        if request.sampler == "auto" and fast is not None:
+            note = why_not or "steps were given, so the full sampler ran them (sampler 'fast' takes steps too)"
+        return replace(request, sampler="full", steps=request.steps or FULL_STEPS), note
+
+    def _fast_alphas(self) -> tuple[torch.Tensor, float]:
+        """The schedule the student steps on: alpha-bar per timestep and DDIM's final alpha."""
+        if self._fast_schedule is None:
+            scheduler = make_scheduler("ddim", self.parts.scheduler_config)
+            self._fast_schedule = (scheduler.alphas_cumprod.clone(), float(scheduler.final_alpha_cumprod))
+        return self._fast_schedule
 
     # -- the API ------------------------------------------------------------------------------
     def counterfactual(self, image: XRay | np.ndarray, instruction: str | EditRequest, **options: Any) -> Counterfactual:
@@ -790,7 +878,9 @@ class Engine:
                 f"{self.model_id} is a {self.card.method} model: it edits by inversion "
                 "(method 'invert', Engine.invert_edit), not by instruction"
             )
-        requests = [r.validated() for r in requests]
+        resolved = [self.resolve(r.validated(), withhold_prior=withhold_prior) for r in requests]
+        requests = [r for r, _ in resolved]
+        notes = [note for _, note in resolved]
         if regions is None or isinstance(regions, Regions):
             item_regions: list[Regions | None] = [regions] * len(requests)
         else:
@@ -806,17 +896,18 @@ class Engine:
         else:
             prepared = [self.prepare(images)] * len(requests)
         results: dict[int, Counterfactual] = {}
-        groups: dict[tuple[int, str, bool], list[int]] = {}
+        groups: dict[tuple[str, int, str, bool], list[int]] = {}
         for i, r in enumerate(requests):  # items with regions batch apart: they draw extra noise
-            groups.setdefault((r.steps, r.scheduler, item_regions[i] is not None), []).append(i)
+            groups.setdefault((r.sampler, r.steps, r.scheduler, item_regions[i] is not None), []).append(i)
         with self._lock:
-            for (steps, scheduler_name, constrained), index in groups.items():
+            for (sampler, steps, scheduler_name, constrained), index in groups.items():
                 batch = [requests[i] for i in index]
                 priors = [prepared[i][0] for i in index]
                 allowed = None
                 if constrained:
                     allowed = [item_regions[i].canvas(prepared[i][1]) for i in index]
-                outputs, timings = self._generate(priors, batch, steps, scheduler_name, withhold_prior, allowed)
+                outputs, timings = self._generate(priors, batch, steps, scheduler_name, withhold_prior, allowed,
+                                                  fast=sampler == "fast")
                 for i, r, img in zip(index, batch, outputs):
                     prior_np, transform = prepared[i]
                     results[i] = Counterfactual(
@@ -833,12 +924,13 @@ class Engine:
                         timings=timings,
                         prior_withheld=withhold_prior,
                         regions=None if item_regions[i] is None else item_regions[i].summary(),
+                        sampler_note=notes[i],
                     )
         return [results[i] for i in range(len(requests))]
 
     def _generate(
         self, priors: list[np.ndarray], batch: list[EditRequest], steps: int, scheduler_name: str,
-        withhold_prior: bool = False, allowed: list[np.ndarray] | None = None,
+        withhold_prior: bool = False, allowed: list[np.ndarray] | None = None, *, fast: bool = False,
     ) -> tuple[list[np.ndarray], dict[str, float]]:
         t0 = time.perf_counter()
         texts = [r.applied_instruction for r in batch]
@@ -858,21 +950,33 @@ class Engine:
                 else prior_latents * self.card.latent_scaling
             )
         t2 = time.perf_counter()
-        latents = sample_instruct(
-            self.denoiser,
-            make_scheduler(scheduler_name, self.parts.scheduler_config),
-            condition,
-            text,
-            text_mask,
-            null,
-            null_mask,
-            text_scale=torch.tensor([r.text_guidance for r in batch]),
-            image_scale=torch.tensor([r.image_guidance for r in batch]),
-            steps=steps,
-            generators=[torch.Generator("cpu").manual_seed(int(r.seed)) for r in batch],
-            position_channels=self.card.position_channels,
-            **region,
-        )
+        text_scale = torch.tensor([r.text_guidance for r in batch])
+        image_scale = torch.tensor([r.image_guidance for r in batch])
+        generators = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in batch]
+        if fast:  # the distilled student: one UNet call per step (engine.fast)
+            alphas, final_alpha = self._fast_alphas()
+            latents = sample_fast(
+                self.fast_denoiser, alphas, final_alpha, condition, text, text_mask,
+                text_scale=text_scale, image_scale=image_scale,
+                timesteps=fast_timesteps(self.fast.teacher_timesteps, steps), guidance_dim=self.fast.guidance_dim,
+                generators=generators, position_channels=self.card.position_channels, **region,
+            )
+        else:
+            latents = sample_instruct(
+                self.denoiser,
+                make_scheduler(scheduler_name, self.parts.scheduler_config),
+                condition,
+                text,
+                text_mask,
+                null,
+                null_mask,
+                text_scale=text_scale,
+                image_scale=image_scale,
+                steps=steps,
+                generators=generators,
+                position_channels=self.card.position_channels,
+                **region,
+            )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # kernels run asynchronously: time them fully
         t3 = time.perf_counter()

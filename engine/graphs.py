@@ -40,6 +40,7 @@ class _Captured:
     timestep: torch.Tensor
     states: torch.Tensor
     mask: torch.Tensor | None
+    cond: torch.Tensor | None
     output: torch.Tensor
 
 
@@ -54,7 +55,8 @@ class GraphedUNet:
     """A UNet whose forward is replayed from a CUDA graph per input shape (eager on the CPU).
 
     Call it as the samplers call a diffusers UNet:
-    ``unet(sample, t, encoder_hidden_states=..., encoder_attention_mask=...).sample``.
+    ``unet(sample, t, encoder_hidden_states=..., encoder_attention_mask=..., timestep_cond=...).sample``
+    (``timestep_cond``: the fast sampler's guidance embedding, :mod:`engine.fast`).
     Not thread-safe: the engine calls it with its device lock held.
     """
 
@@ -68,26 +70,28 @@ class GraphedUNet:
     @torch.no_grad()
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor | float, *,
                  encoder_hidden_states: torch.Tensor,
-                 encoder_attention_mask: torch.Tensor | None = None) -> UNetOutput:
+                 encoder_attention_mask: torch.Tensor | None = None,
+                 timestep_cond: torch.Tensor | None = None) -> UNetOutput:
         """The UNet's noise (or v) prediction for ``sample`` at ``timestep``."""
+        mask, cond = encoder_attention_mask, timestep_cond
         if sample.device.type != "cuda":
-            return UNetOutput(self._eager(sample, timestep, encoder_hidden_states, encoder_attention_mask))
+            return UNetOutput(self._eager(sample, timestep, encoder_hidden_states, mask, cond))
         t = torch.as_tensor(timestep, device=sample.device)
         if t.ndim != 0:  # the samplers pass one timestep for the whole batch
-            return UNetOutput(self._eager(sample, t, encoder_hidden_states, encoder_attention_mask))
+            return UNetOutput(self._eager(sample, t, encoder_hidden_states, mask, cond))
         key = (tuple(sample.shape), sample.dtype, tuple(encoder_hidden_states.shape), encoder_hidden_states.dtype,
-               None if encoder_attention_mask is None else tuple(encoder_attention_mask.shape), t.dtype)
+               None if mask is None else tuple(mask.shape), t.dtype, None if cond is None else tuple(cond.shape))
         if key in self._eager_shapes:
-            return UNetOutput(self._eager(sample, t, encoder_hidden_states, encoder_attention_mask))
+            return UNetOutput(self._eager(sample, t, encoder_hidden_states, mask, cond))
         captured = self._graphs.get(key)
         if captured is None:
             try:
-                captured = self._capture(sample, t, encoder_hidden_states, encoder_attention_mask)
+                captured = self._capture(sample, t, encoder_hidden_states, mask, cond)
             except Exception as error:  # noqa: BLE001 - any capture failure falls back to eager
                 log.warning("CUDA graph capture failed for shape %s (%s); this shape runs eagerly",
                             tuple(sample.shape), type(error).__name__)
                 self._eager_shapes.add(key)
-                return UNetOutput(self._eager(sample, t, encoder_hidden_states, encoder_attention_mask))
+                return UNetOutput(self._eager(sample, t, encoder_hidden_states, mask, cond))
             self._graphs[key] = captured
             while len(self._graphs) > MAX_GRAPHS:
                 self._graphs.popitem(last=False)
@@ -96,21 +100,25 @@ class GraphedUNet:
         captured.timestep.copy_(t)
         captured.states.copy_(encoder_hidden_states)
         if captured.mask is not None:
-            captured.mask.copy_(encoder_attention_mask)
+            captured.mask.copy_(mask)
+        if captured.cond is not None:
+            captured.cond.copy_(cond)
         captured.graph.replay()
         self.replays += 1
         return UNetOutput(captured.output.clone())  # the next replay overwrites the static output
 
-    def _eager(self, sample: torch.Tensor, t: Any, states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.unet(sample, t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
+    def _eager(self, sample: torch.Tensor, t: Any, states: torch.Tensor, mask: torch.Tensor | None,
+               cond: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {} if cond is None else {"timestep_cond": cond}
+        return self.unet(sample, t, encoder_hidden_states=states, encoder_attention_mask=mask, **extra).sample
 
     def _capture(self, sample: torch.Tensor, t: torch.Tensor, states: torch.Tensor,
-                 mask: torch.Tensor | None) -> _Captured:
+                 mask: torch.Tensor | None, cond: torch.Tensor | None = None) -> _Captured:
         static = {"sample": sample.clone(), "timestep": t.clone(), "states": states.clone(),
-                  "mask": None if mask is None else mask.clone()}
+                  "mask": None if mask is None else mask.clone(), "cond": None if cond is None else cond.clone()}
 
         def run() -> torch.Tensor:
-            return self._eager(static["sample"], static["timestep"], static["states"], static["mask"])
+            return self._eager(static["sample"], static["timestep"], static["states"], static["mask"], static["cond"])
 
         side = torch.cuda.Stream(device=sample.device)
         side.wait_stream(torch.cuda.current_stream(sample.device))
@@ -121,7 +129,8 @@ class GraphedUNet:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             output = run()
-        return _Captured(graph, static["sample"], static["timestep"], static["states"], static["mask"], output)
+        return _Captured(graph, static["sample"], static["timestep"], static["states"], static["mask"], static["cond"],
+                         output)
 
     def clear(self) -> None:
         """Drops every captured graph (and the memory it holds)."""

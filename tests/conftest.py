@@ -22,13 +22,16 @@ TINY_RESOLUTION = 64
 
 
 def build_tiny_model(out: Path, *, method: str = "instruct", seed: int = 0,
-                     instruct_target: str = "latent", position_channels: int = 0, autoencoder: str = "kl") -> Path:
+                     instruct_target: str = "latent", position_channels: int = 0, autoencoder: str = "kl",
+                     fast: bool = False) -> Path:
     """Writes a tiny seeded random model folder (64 px image, 16x16 latent) in the engine's format.
 
     The text encoder is a 2-layer BERT (width 24) with MiniLM's real tokenizer, stored inside
     the folder; a projection maps it to the UNet's 32-wide cross-attention. ``autoencoder``
     ``"kl"`` is a grey AutoencoderKL (4 latent channels), ``"tiny"`` a TAEF2-style
-    TinyAutoencoder (3 channels in [0, 1], 8 latent channels).
+    TinyAutoencoder (3 channels in [0, 1], 8 latent channels). ``fast`` adds a random student in
+    ``unet_fast/`` (the teacher's weights, a random guidance projection, 4 steps of 20, guidance
+    1-12 / 1-3) through :func:`engine.checkpoint.add_fast_sampler`.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import BertConfig, BertModel
@@ -90,13 +93,49 @@ def build_tiny_model(out: Path, *, method: str = "instruct", seed: int = 0,
         text_encoder_folder=encoder_dir,
     )
     shutil.rmtree(encoder_dir)
+    if fast:
+        add_tiny_student(out, seed=seed)
     return out
+
+
+TINY_GUIDANCE_DIM = 8
+
+
+def add_tiny_student(model: Path, *, seed: int = 0, steps: int = 4) -> Path:
+    """Puts a random student of ``model``'s UNet into ``model/unet_fast`` (see :func:`build_tiny_model`)."""
+    from engine.checkpoint import FastSampler, add_fast_sampler, load_model_parts, read_card, teacher_digest
+    from train.distill import student_from_teacher, teacher_timesteps
+
+    parts = load_model_parts(model)
+    torch.manual_seed(seed + 1)
+    student = student_from_teacher(parts.unet, TINY_GUIDANCE_DIM)
+    torch.nn.init.normal_(student.time_embedding.cond_proj.weight, std=0.5)  # so the guidance inputs matter
+    spec = FastSampler(steps=steps, teacher_timesteps=tuple(teacher_timesteps(parts.scheduler_config, 20)),
+                       guidance_dim=TINY_GUIDANCE_DIM, text_guidance_range=(1.0, 12.0),
+                       image_guidance_range=(1.0, 3.0), teacher=teacher_digest(model, read_card(model)),
+                       made_by="tests/conftest.py (random weights)")
+    return add_fast_sampler(model, student, spec, overwrite=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny instruct model folder shared by the session (treat as read-only)."""
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def fast_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ``change`` model (coordinate maps) with a random student in ``unet_fast/`` (read-only)."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "fast", instruct_target="change",
+                            position_channels=2, fast=True)
+
+
+@pytest.fixture(scope="session")
+def fast_engine(fast_model: Path):
+    """An Engine on :func:`fast_model`, on the CPU in fp32."""
+    import engine
+
+    return engine.load(fast_model, device="cpu", dtype="fp32")
 
 
 @pytest.fixture(scope="session")

@@ -71,3 +71,20 @@ def test_graphs_are_bounded_and_keep_serving(tiny_model):
     assert len(graphed.denoiser._graphs) == MAX_GRAPHS
     again = graphed.counterfactual(_prior(), "edema", seed=0, steps=2)
     assert np.isfinite(again.image).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fast_sampler_graph_replays_match_eager(fast_model, dtype):
+    """The student's step (with its guidance input) replays from a graph as the eager call computes it."""
+    eager = engine.load(fast_model, device="cuda", dtype=dtype)
+    graphed = engine.load(fast_model, device="cuda", dtype=dtype, cuda_graphs=True)
+    assert graphed.fast_denoiser.replays >= 1  # load() warmed the fast path up too
+    requests = [EditRequest("new right pleural effusion", seed=s, text_guidance=3.0 + s) for s in range(2)]
+    for batch in (requests[:1], requests):
+        before = graphed.fast_denoiser.replays
+        a = eager.counterfactuals(_prior(), batch)
+        b = graphed.counterfactuals(_prior(), batch)
+        assert graphed.fast_denoiser.replays - before == 4 and all(r.sampler == "fast" for r in b)
+        for x, y in zip(a, b):
+            assert np.abs(x.image - y.image).max() < 1e-4

@@ -19,7 +19,7 @@ from engine.checkpoint import INSTRUCT_TARGETS, PREDICTION_TYPES
 from engine.errors import InputError
 from engine.text import MINILM_SOURCE
 
-STAGES = ("vae", "stage1", "stage2", "prism")
+STAGES = ("vae", "stage1", "stage2", "prism", "distill")
 ARCHS = ("tiny", "small", "mini", "sd15")
 STAGE2_TARGETS = ("followup", "counterfactual")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
@@ -32,7 +32,9 @@ class TrainConfig:
     Attributes:
         stage: ``vae`` (stage 0: a small VAE from scratch), ``stage1`` (image-report pairs with
             a dummy mid-grey prior), ``stage2`` (instruction tuning on prior/follow-up/description
-            triples) or ``prism`` (text-to-image UNet fine-tuning on label captions).
+            triples), ``prism`` (text-to-image UNet fine-tuning on label captions) or ``distill``
+            (a few-step student of the instruct model ``init_from``, trained on that model's own
+            results for the priors and descriptions of the manifests; :mod:`train.distill`).
         name: run name, written into the exported card.
         out_dir: run folder: checkpoints, ``log.csv``, caches.
         manifest: ``images.jsonl`` (vae, stage1, prism) or ``pairs.jsonl`` (stage2).
@@ -112,6 +114,22 @@ class TrainConfig:
         simulate: when the manifest does not exist yet, first simulate this many patients into
             its folder with :mod:`train.simulator` (0: never); used by the ``tiny`` smoke config.
         extra: free-form values for the card (``license``, ``description``).
+        teacher_steps: distill: the teacher's DDIM steps (its full sampler's, 20); the student
+            runs on a subset of these timesteps.
+        fast_steps: distill: the student's default steps (the card's; the app uses them).
+        distill_samples: distill: teacher results to make (pairs cycled in a seeded order, one
+            seed and one pair of guidance scales each); each costs one full teacher edit.
+        text_guidance_range, image_guidance_range: distill: the guidance scales drawn
+            (uniform in ``[low, high]``); the engine uses the student only inside them.
+        default_guidance_share: distill: share of draws at the engine's default guidance (7.5, 1.5).
+        guidance_dim: distill: width of the guidance embedding per scale (the student's
+            ``time_cond_proj_dim`` is twice this).
+        fast_grid_share: distill: share of training timesteps drawn from the ``fast_steps``
+            grid (the rest from all the teacher's timesteps).
+        teacher_batch: distill: draws per teacher sampling batch.
+        student_dtype: distill: the exported student's weights on disk, ``float16`` (half the
+            bytes: the model folder must stay small enough to ship and to travel to a GPU
+            machine; the engine computes in its own dtype) or ``float32``.
     """
 
     stage: str = "stage2"
@@ -169,6 +187,16 @@ class TrainConfig:
     data_license: str | None = None
     simulate: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    teacher_steps: int = 20
+    fast_steps: int = 4
+    distill_samples: int = 2000
+    text_guidance_range: tuple[float, ...] = (1.0, 12.0)
+    image_guidance_range: tuple[float, ...] = (1.0, 3.0)
+    default_guidance_share: float = 0.25
+    guidance_dim: int = 32
+    fast_grid_share: float = 0.5
+    teacher_batch: int = 8
+    student_dtype: str = "float16"
 
     def validate(self) -> TrainConfig:
         """Checks values and combinations; returns self.
@@ -206,6 +234,22 @@ class TrainConfig:
         need(0 < self.ema_decay < 1, "ema_decay must be in (0, 1)")
         need(self.ckpt_every >= 1 and self.log_every >= 1, "ckpt_every and log_every must be >= 1")
         need(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        if self.stage == "distill":
+            need(bool(self.init_from), "stage distill needs init_from: the instruct model folder to distil (the teacher)")
+            need(not self.train_projection, "stage distill trains the student UNet only: set train_projection: false "
+                                            "(the student shares the teacher's text projection)")
+            need(self.train_unet, "stage distill trains the student UNet: train_unet must be true")
+            need(1 <= self.fast_steps <= self.teacher_steps, "fast_steps must be from 1 to teacher_steps")
+            need(self.distill_samples >= 1 and self.teacher_batch >= 1, "distill_samples and teacher_batch must be >= 1")
+            need(self.guidance_dim >= 4 and self.guidance_dim % 2 == 0, "guidance_dim must be even and >= 4")
+            for name, default in (("text_guidance_range", 7.5), ("image_guidance_range", 1.5)):
+                value = getattr(self, name)
+                need(len(value) == 2 and 0 <= value[0] <= value[1],
+                     f"{name} must be two numbers low,high with 0 <= low <= high")
+                need(value[0] <= default <= value[1], f"{name} must contain the engine's default {default}")
+            need(self.student_dtype in ("float16", "float32"), "student_dtype must be float16 or float32")
+            need(0 <= self.default_guidance_share <= 1 and 0 <= self.fast_grid_share <= 1,
+                 "default_guidance_share and fast_grid_share must be in [0, 1]")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -94,8 +94,9 @@ def load_items(manifest: str | os.PathLike[str], stage: str, splits: Sequence[st
 
 def load_config_items(cfg: TrainConfig) -> list[Item]:
     """The items of every manifest of a run (``cfg.manifests``), in order, each read by :func:`load_items`."""
+    stage = "stage2" if cfg.stage == "distill" else cfg.stage  # a student learns from the pairs' priors and texts
     return [item for manifest in cfg.manifests
-            for item in load_items(manifest, cfg.stage, cfg.splits, cfg.stage2_target)]
+            for item in load_items(manifest, stage, cfg.splits, cfg.stage2_target)]
 
 
 def load_canvas(path: str, size: int) -> torch.Tensor:

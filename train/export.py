@@ -156,8 +156,6 @@ def export_run(
     path = run_dir / CHECKPOINTS / checkpoint if checkpoint else latest_checkpoint(run_dir)
     if path is None or not path.is_dir():
         raise InputError(f"{run_dir} has no checkpoint to export; train it with `python -m train fit` first")
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; pass --overwrite to replace it")
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as exc:
@@ -166,8 +164,10 @@ def export_run(
                 else "no earlier checkpoint is intact")
         raise CheckpointError(path, exc.problem, hint) from None
     cfg = config_from_dict(ckpt["state"]["config"], where=str(path / "state.json"))
+    if out.exists() and not overwrite and cfg.stage != "distill":  # a student goes into an existing folder
+        raise InputError(f"{out} already exists; pass --overwrite to replace it")
     models = build_models(cfg)
-    trainee = Trainee(models, cfg.train_projection, cfg.position_channels, cfg.train_unet)
+    trainee = Trainee(models, cfg.train_projection, models.position_channels, cfg.train_unet)
     trainee.load_state_dict(ckpt["model"])
     used_ema = use_ema and ckpt["ema"] is not None
     if used_ema:
@@ -176,6 +176,9 @@ def export_run(
             params[key].data.copy_(value)
     step = int(ckpt["state"]["step"])
 
+    if cfg.stage == "distill":
+        teacher = ckpt["state"].get("teacher") or models.teacher_digest  # the teacher it learned from
+        return _export_student(cfg, models, teacher, run_dir, path, step, used_ema, out, overwrite)
     if cfg.stage == "vae":
         vae = models.vae
         vae.register_to_config(scaling_factor=round(1.0 / max(_latent_std(vae, cfg.manifest, cfg.resolution), 1e-6), 5))
@@ -232,13 +235,42 @@ def export_run(
     return out
 
 
+def _export_student(cfg: Any, models: Any, teacher_digest: str, run_dir: Path, checkpoint: Path, step: int,
+                    used_ema: bool, out: Path, overwrite: bool) -> Path:
+    """A distill run's student into a teacher folder as ``unet_fast/`` (:func:`engine.checkpoint.add_fast_sampler`).
+
+    ``out`` is the teacher's folder itself (the student goes beside the teacher), or a new
+    folder, which starts as a copy of the teacher (``init_from``). A folder holding another
+    teacher is refused.
+    """
+    from engine.checkpoint import FastSampler, add_fast_sampler
+    from train.distill import fast_sampler_card
+
+    teacher = Path(cfg.init_from)
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        shutil.rmtree(tmp)
+        shutil.copytree(teacher, tmp, ignore=shutil.ignore_patterns("unet_fast"))
+        card_path = tmp / "card.json"
+        card = json.loads(card_path.read_text())
+        card.pop("fast_sampler", None)
+        card_path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, out)
+    spec = FastSampler.from_dict(fast_sampler_card(cfg, models, teacher_digest, run=str(run_dir),
+                                                   checkpoint=checkpoint.name, step=step, ema=used_ema))
+    student = models.unet.to(torch.float16) if cfg.student_dtype == "float16" else models.unet
+    return add_fast_sampler(out, student, spec, overwrite=overwrite)
+
+
 def add_parser(subparsers) -> None:
     """Adds ``export``."""
     p = subparsers.add_parser("export", help="write a run's EMA weights as an engine model folder",
                               description="Exports a checkpoint of a `python -m train fit` run to a model folder "
                                           "(card.json filled from the run) that `python -m engine` loads.")
     p.add_argument("--run", required=True, help="the run folder (the config's out_dir)")
-    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--out", required=True, help="model folder to write (a distill run: the teacher's folder, where "
+                                                "the student goes beside it as unet_fast/, or a new copy of it)")
     p.add_argument("--checkpoint", default=None, help="checkpoint name, e.g. step-0001000 (default: latest)")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     p.add_argument("--name", default=None, help="model name for the card")

@@ -92,9 +92,10 @@ class Trainee(torch.nn.Module):
             self.projection.requires_grad_(train_projection)
 
     def forward(self, model_in: torch.Tensor, t: torch.Tensor, states: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> Any:
+                mask: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> Any:
         """Noise prediction ``(B, C, h, w)`` from the UNet input and raw text states.
 
+        ``cond``: a distilled student's guidance embedding (``timestep_cond``).
         Stage 0 instead: ``model_in`` is the image in model range and ``t`` the posterior noise;
         returns ``(reconstruction, mean, logvar)``.
         """
@@ -103,7 +104,8 @@ class Trainee(torch.nn.Module):
             return self.vae.decode(dist.mean + dist.std * t).sample, dist.mean, dist.logvar
         context = project(states, self.projection)
         model_in = append_position(model_in, self.position_channels)
-        return self.unet(model_in, t, encoder_hidden_states=context, encoder_attention_mask=mask).sample
+        extra = {} if cond is None else {"timestep_cond": cond}
+        return self.unet(model_in, t, encoder_hidden_states=context, encoder_attention_mask=mask, **extra).sample
 
 
 class EMA:
@@ -709,24 +711,33 @@ def fit(cfg: TrainConfig, *, stop_at_step: int | None = None, resume: str | os.P
     items = load_config_items(cfg)
     scheduler = DDPMScheduler.from_config(models.scheduler_config)
 
-    # 2. Caches (frozen encoders), built once by the main process.
-    use_latent_cache = cfg.cache_latents and cfg.stage != "vae"
+    # 2. Caches (frozen encoders; distill: the teacher's results), built once by the main process.
+    use_latent_cache = cfg.cache_latents and cfg.stage not in ("vae", "distill")
     with accelerator.main_process_first():
-        if use_latent_cache:
+        if cfg.stage == "distill":
+            from train.distill import DistillDataset, build_teacher_results, draws
+
+            run_draws = draws(cfg, items)
+            texts = TextCache(cfg, models, [d.text for d in run_draws])
+            build_teacher_results(cfg, models, run_draws, texts, models.teacher_digest, device)
+            dataset = DistillDataset(run_draws, cfg.cache_path, models.vae_id, models.teacher_digest, cfg)
+            models.teacher = None  # frees the teacher: the student learns from its cached results
+        elif use_latent_cache:
             if cfg.crop_scale < 1:
                 log.info("crop_scale ignored: random crops are off when latents are cached")
             latent_folder, latent_keys = build_latent_cache(cfg, models, items, device)
             dataset = CachedDataset(items, latent_folder, latent_keys)
         else:
             dataset = ImageDataset(items, cfg.resolution)
-        texts = TextCache(cfg, models, [item.text for item in items]) if models.text_encoder is not None else None
+        if cfg.stage != "distill":
+            texts = TextCache(cfg, models, [item.text for item in items]) if models.text_encoder is not None else None
     if models.text_encoder is not None:
         models.text_encoder.to(device)
     null_states, null_mask = texts([""]) if texts is not None else (None, None)
     models.vae.to(device)
 
     # 3. Trained module, optimizer, EMA; resume if a checkpoint exists.
-    trainee = Trainee(models, cfg.train_projection, cfg.position_channels, cfg.train_unet).to(device)
+    trainee = Trainee(models, cfg.train_projection, models.position_channels, cfg.train_unet).to(device)
     if cfg.stage == "vae":
         trainee.vae.requires_grad_(True).train()
     else:
@@ -810,6 +821,7 @@ def fit(cfg: TrainConfig, *, stop_at_step: int | None = None, resume: str | os.P
                 save_checkpoint(out_dir, step, accelerator.unwrap_model(model), optimizer, ema, cfg,
                                 {"data": sampler.position(step * cfg.grad_accum), "world": world,
                                  "vae_id": models.vae_id, "items": len(dataset), "threads": cpu_threads(),
+                                 "teacher": models.teacher_digest,
                                  "resumed_from": resume_path.name if resume_path else None}, cfg.keep_checkpoints)
         if stop_at_step is not None and step == stop_at_step:
             bar.close()
@@ -825,6 +837,10 @@ def fit(cfg: TrainConfig, *, stop_at_step: int | None = None, resume: str | os.P
 def _stage_loss(cfg: TrainConfig, models: Models, model: torch.nn.Module, scheduler, texts, null_states, null_mask,
                 dummy_prior, batch: dict[str, Any], cached: bool, gen: torch.Generator, device: torch.device) -> torch.Tensor:
     """One micro-batch's loss for the config's stage: augmentation, conditioning, dropout, loss."""
+    if cfg.stage == "distill":
+        from train.distill import distill_loss
+
+        return distill_loss(cfg, models, model, texts, batch, gen, device)
     if cfg.stage == "vae":
         images = batch["image"].to(device)
         (images,), _, _ = augment([images], [""] * images.shape[0], hflip=cfg.hflip, crop_scale=cfg.crop_scale, generator=gen)

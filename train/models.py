@@ -163,6 +163,11 @@ class Models:
         text_encoder_folder: folder to copy into exports when the encoder lives in the init model.
         vae_notices: licence and provenance files that came with the VAE (a converted TAEF2's
             ``LICENSE`` and ``PROVENANCE.json``), copied into every export's ``vae/``.
+        teacher: stage distill: the frozen teacher UNet (``unet`` is then the student).
+        teacher_digest: stage distill: :func:`engine.checkpoint.teacher_digest` of ``init_from``.
+        teacher_timesteps: stage distill: the teacher's DDIM timesteps.
+        schedule: stage distill: ``(alphas_cumprod, final_alpha)`` of the teacher's schedule.
+        position_channels: coordinate maps the UNet reads (distill: the teacher card's).
     """
 
     stage: str
@@ -178,6 +183,11 @@ class Models:
     vae_id: str
     text_encoder_folder: Path | None = None
     vae_notices: tuple[Path, ...] = ()
+    teacher: Any = None
+    teacher_digest: str | None = None
+    teacher_timesteps: tuple[int, ...] = ()
+    schedule: Any = None
+    position_channels: int = 0
 
 
 NOTICE_FILES = ("LICENSE", "PROVENANCE.json")
@@ -246,6 +256,8 @@ def build_models(cfg: TrainConfig) -> Models:
             return Models("vae", "vae", vae, None, None, None, None, noise_scheduler_config(),
                           float(vae.config.scaling_factor), (-1.0, 1.0), "trainable")
 
+        if cfg.stage == "distill":
+            return _distill_models(cfg)
         method = "text2image" if cfg.stage == "prism" else "instruct"
 
         def unet_inputs(vae) -> int:
@@ -293,4 +305,35 @@ def build_models(cfg: TrainConfig) -> Models:
             projection = make_projection(encoder.width, cross, generator=torch.Generator().manual_seed(cfg.seed))
     vae.requires_grad_(False).eval()
     return Models(cfg.stage, method, vae, unet, projection, encoder, spec, scheduler, scaling, value_range,
-                  module_digest(vae), encoder_folder, vae_notices(cfg.vae_from or cfg.init_from))
+                  module_digest(vae), encoder_folder, vae_notices(cfg.vae_from or cfg.init_from),
+                  position_channels=cfg.position_channels if method == "instruct" else 0)
+
+
+def _distill_models(cfg: TrainConfig) -> Models:
+    """Stage distill: the teacher (``init_from``, frozen) and its student (:func:`train.distill.student_from_teacher`)."""
+    from engine.checkpoint import read_card, teacher_digest
+    from train.distill import schedule, student_from_teacher, teacher_timesteps
+
+    root = Path(cfg.init_from)
+    if not (root / CARD_FILE).is_file():
+        raise InputError(f"init_from {root} is not a model folder (no card.json); stage distill needs an instruct model")
+    card = read_card(root)
+    if card.method != "instruct":
+        raise InputError(f"init_from {root} is a {card.method} model; stage distill needs an instruct model")
+    if cfg.vae_from:
+        raise InputError("stage distill keeps the teacher's autoencoder; remove vae_from")
+    if cfg.resolution != card.resolution:
+        raise InputError(f"resolution must be the teacher's ({card.resolution}), not {cfg.resolution}")
+    if cfg.prediction_type not in (None, "v_prediction"):
+        raise InputError("stage distill's student always predicts v; remove prediction_type")
+    parts = load_model_parts(root)
+    teacher = parts.unet.requires_grad_(False).eval()
+    student = student_from_teacher(teacher, cfg.guidance_dim)
+    encoder = load_text_encoder(card.text_encoder, root)
+    encoder_folder = root / card.text_encoder.source if (root / card.text_encoder.source).is_dir() else None
+    parts.vae.requires_grad_(False).eval()
+    return Models("distill", "instruct", parts.vae, student, parts.text_projection, encoder, card.text_encoder,
+                  parts.scheduler_config, card.latent_scaling, card.value_range, module_digest(parts.vae),
+                  encoder_folder, (), teacher=teacher, teacher_digest=teacher_digest(root, card),
+                  teacher_timesteps=tuple(teacher_timesteps(parts.scheduler_config, cfg.teacher_steps)),
+                  schedule=schedule(parts.scheduler_config), position_channels=card.position_channels)
