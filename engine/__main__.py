@@ -1,10 +1,12 @@
-"""Command line: ``python -m engine edit | info``.
+"""Command line: ``python -m engine edit | batch | info``.
 
 ``edit --method instruct`` (default) follows an instruction with an instruct model;
 ``edit --method invert --source-prompt TEXT --target-prompt TEXT [--inversion null-text|
 negative-prompt|direct|ddim] [--word-weight W] [--local-blend WORDS]`` edits by inversion (PRISM).
 ``edit`` writes the counterfactual as a PNG (in the input's geometry, with provenance in the
-PNG's text chunks) and prints one JSON object. Bad input exits with code 2 and one line on
+PNG's text chunks) and prints one JSON object. An instruct edit takes the model's fast sampler
+when it has one (``--sampler full``: the 20-step sampler). ``batch JOBS.csv --out DIR`` runs a
+folder of edits in one process (:mod:`engine.batch`). Bad input exits with code 2 and one line on
 stderr, never a traceback.
 """
 
@@ -53,7 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument("--unet", default=None, help="UNet override: .safetensors file, folder or hub id")
     edit.add_argument("--severity", default="none", choices=["none", "slight", "moderate", "large"])
     edit.add_argument("--seed", type=int, default=None, help="instruct: random seed (default: random, printed)")
-    edit.add_argument("--steps", type=int, default=None, help="denoising steps (instruct 20, invert 50)")
+    edit.add_argument("--steps", type=int, default=None,
+                      help="denoising steps (instruct: the sampler's own, 4 fast or 20 full; invert 50)")
+    edit.add_argument("--sampler", default="auto", choices=["auto", "fast", "full"],
+                      help="instruct: auto (the model's fast sampler when it has one and no --steps or other "
+                           "scheduler is asked for), fast (the distilled student) or full (20 steps, three guidance "
+                           "branches: the refined result)")
     edit.add_argument("--text-guidance", type=float, default=7.5, help="text guidance scale (both methods)")
     edit.add_argument("--image-guidance", type=float, default=1.5, help="instruct: image guidance scale")
     edit.add_argument("--scheduler", default="ddim", choices=["ddim", "euler_a", "dpmpp"], help="instruct only")
@@ -82,6 +89,21 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument("--device", default="auto", help="auto, cpu or cuda")
     edit.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
 
+    batch = sub.add_parser(
+        "batch", help="make the counterfactuals of a jobs CSV in one process",
+        description="Runs every row of JOBS.csv (film, instruction or source_caption/target_caption, severity, "
+                    "seed, method, ...) through one loaded model, in UNet batches; writes DIR/<id>.png with "
+                    "provenance and DIR/results.csv. Rerun to resume after an interruption; bad rows are reported "
+                    "and never stop the run. Several GPUs: accelerate launch -m engine batch JOBS.csv --out DIR.")
+    batch.add_argument("jobs", help="the jobs CSV (see engine/batch.py for its columns)")
+    batch.add_argument("--out", required=True, help="output folder")
+    batch.add_argument("--model", default=None, help="model folder or hub id (default: bundled)")
+    batch.add_argument("--batch-size", type=int, default=8, help="instruct rows per UNet batch (default 8)")
+    batch.add_argument("--bits", type=int, default=8, choices=[8, 16], help="PNG bit depth")
+    batch.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    batch.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
+    batch.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
     info = sub.add_parser("info", help="print the model card")
     info.add_argument("--model", default=None, help="model folder or hub id (default: bundled)")
     info.add_argument("--device", default="cpu")
@@ -104,7 +126,8 @@ def _words(text: str) -> tuple[str, ...]:
     return tuple(w for w in text.replace(",", " ").split() if w)
 
 
-_INSTRUCT_ONLY = {"instruction": None, "severity": "none", "seed": None, "image_guidance": 1.5, "scheduler": "ddim"}
+_INSTRUCT_ONLY = {"instruction": None, "severity": "none", "seed": None, "image_guidance": 1.5, "scheduler": "ddim",
+                  "sampler": "auto"}
 _INVERT_ONLY = {"source_prompt": None, "target_prompt": None, "inversion": "null-text", "word_weight": 1.0,
                 "weighted_words": "", "local_blend": "", "blend_threshold": 0.3, "cross_replace": 0.8,
                 "self_replace": 0.4, "edit_score": "none", "residual": False}
@@ -128,9 +151,9 @@ def _request(args: argparse.Namespace):
         if not args.instruction:
             raise InputError("--method instruct needs --instruction (the progression description)")
         return engine.EditRequest(
-            instruction=args.instruction, severity=args.severity, steps=20 if args.steps is None else args.steps,
+            instruction=args.instruction, severity=args.severity, steps=args.steps,
             text_guidance=args.text_guidance, image_guidance=args.image_guidance, seed=args.seed,
-            scheduler=args.scheduler, **_detail_threshold(args.detail_threshold),
+            scheduler=args.scheduler, sampler=args.sampler, **_detail_threshold(args.detail_threshold),
         ).validated()
     if not args.source_prompt or not args.target_prompt:
         raise InputError("--method invert needs --source-prompt (a caption of the input) and --target-prompt")
@@ -262,6 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit code."""
     args = _parser().parse_args(argv)
     try:
+        if args.command == "batch":
+            from engine.batch import main_batch
+
+            print(json.dumps(main_batch(args)))  # bad rows are in the summary and results.csv; the run finished
+            return 0
         out = _edit(args) if args.command == "edit" else _info(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
