@@ -29,6 +29,7 @@ and large > slight (three equal values, an edit that ignores the severity, do no
   coarsest measure; a change in the wrong place counts too).
 
     python benchmarks/eval_severity.py --cases 30 --out docs/eval/severity_journey-mini.json
+    (``--sampler full`` / ``--sampler fast --steps N``: a given sampler; default the app's)
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ def main() -> int:
     parser.add_argument("--segmenter", default="auto")
     parser.add_argument("--cases", type=int, default=10)
     parser.add_argument("--seed", type=int, default=11)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the sampler's own)")
+    parser.add_argument("--sampler", default="auto", choices=("auto", "fast", "full"),
+                        help="auto (the app's: the model's fast sampler when it has one), fast or full")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -107,7 +110,10 @@ def main() -> int:
         prior_masks = seg.segment(prior[None, None])[0]
         probs, sizes, changes, exact = {}, {}, {}, {}
         for grade in GRADES:
-            cf = eng.counterfactual(prior, text, severity=grade, steps=args.steps, seed=1000 + i).image
+            result = eng.counterfactual(prior, text, severity=grade, steps=args.steps, seed=1000 + i,
+                                        sampler=args.sampler)
+            used = f"{result.request.sampler} {result.request.steps}"
+            cf = result.image
             probs[grade] = float(clf.predict(cf[None, None])[0, clf.index(label)])
             sizes[grade] = finding_size(finding, side, prior, cf, prior_masks, seg)
             changes[grade] = float(np.abs(cf - prior).mean())
@@ -140,7 +146,7 @@ def main() -> int:
         "finding_size_means": grade_means("finding_size"),
         "exact_finding_size_means": grade_means("exact_finding_size"),
         "grade_values": GRADE_VALUES,
-        "steps": args.steps, "seed": args.seed, "classifier": getattr(clf, "name", str(args.classifier)),
+        "steps": args.steps, "sampler": used if rows else None, "seed": args.seed, "classifier": getattr(clf, "name", str(args.classifier)),
         "segmenter": getattr(seg, "name", str(args.segmenter)),
         "seconds": round(time.perf_counter() - t0, 1), "rows": rows,
     }

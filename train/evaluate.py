@@ -43,7 +43,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,11 @@ class EvaluateConfig:
         race_age: ``auto`` (torchxrayvision's race and age models when their weights are
             present) or ``none``.
         xrv_cache: folder of torchxrayvision weight files.
-        steps, text_guidance, image_guidance, scheduler: sampling settings.
+        steps, text_guidance, image_guidance, scheduler: sampling settings (steps None: the
+            sampler's own).
+        sampler: ``auto`` (what the app does: the model's fast sampler when it has one),
+            ``fast`` or ``full`` (:attr:`engine.EditRequest.sampler`); the report records the
+            sampler that ran. The text-only baseline always runs on the full sampler.
         seed: master seed; each pair's seed is derived from it and the pair id.
         device, dtype: as for ``engine.load``.
         examples: rows in the figure grid (0: no figure).
@@ -103,10 +107,11 @@ class EvaluateConfig:
     segmenter: str = "auto"
     race_age: str = "auto"
     xrv_cache: str | None = None
-    steps: int = 20
+    steps: int | None = None
     text_guidance: float = 7.5
     image_guidance: float = 1.5
     scheduler: str = "ddim"
+    sampler: str = "auto"
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -127,6 +132,8 @@ class EvaluateConfig:
             raise InputError(f"--race-age must be auto or none, not {self.race_age!r}")
         if self.examples < 0:
             raise InputError(f"--examples must be >= 0, not {self.examples}")
+        if self.sampler not in ("auto", "fast", "full"):
+            raise InputError(f"--sampler must be auto, fast or full, not {self.sampler!r}")
 
     @property
     def systems(self) -> tuple[str, ...]:
@@ -172,6 +179,7 @@ class PairData:
     truth: dict[str, int | None]
     age: float | None
     seed: int
+    sampler: str = ""
 
 
 def pair_seed(master: int, pair_id: str) -> int:
@@ -294,7 +302,7 @@ def generate(engine: Any, pairs: Sequence[PairData], config: EvaluateConfig) -> 
     requests = [
         EditRequest(
             pair.record.description, steps=config.steps, text_guidance=config.text_guidance,
-            image_guidance=config.image_guidance, seed=pair.seed, scheduler=config.scheduler,
+            image_guidance=config.image_guidance, seed=pair.seed, scheduler=config.scheduler, sampler=config.sampler,
         )
         for pair in pairs
     ]
@@ -302,10 +310,13 @@ def generate(engine: Any, pairs: Sequence[PairData], config: EvaluateConfig) -> 
     results = engine.counterfactuals(xrays, requests)
     priors = [cf.prior for cf in results]
     images = {"model": [cf.image for cf in results]}
+    for pair, cf in zip(pairs, results):
+        pair.sampler = f"{cf.request.sampler} {cf.request.steps}"
     if "identity" in config.systems:
         images["identity"] = [prior.copy() for prior in priors]
-    if "text-only" in config.systems:
-        images["text-only"] = [cf.image for cf in engine.counterfactuals(xrays, requests, withhold_prior=True)]
+    if "text-only" in config.systems:  # the student never learned the prior withheld: the full sampler
+        text_only = [replace(r, sampler="full", steps=None if config.sampler == "fast" else r.steps) for r in requests]
+        images["text-only"] = [cf.image for cf in engine.counterfactuals(xrays, text_only, withhold_prior=True)]
     if "exact" in config.systems:
         missing = [pair.record.pair_id for pair in pairs if pair.exact is None]
         if missing:
@@ -584,6 +595,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"# Evaluation of {report['model']['model_id']}",
         "",
         f"{report['pairs']} pairs from `{report['config']['pairs']}`; model resolution {report['model']['resolution']} px; "
+        f"sampler (steps): {', '.join(report['model'].get('sampler') or ['?'])}; "
         f"classifier: {report['networks']['classifier'] or 'none'}; segmenter: {report['networks']['segmenter'] or 'none'}.",
         "",
         "## Counterfactual generation (BiomedJourney, Table 1 layout)",
@@ -697,7 +709,8 @@ def evaluate_chunk(eng: Any, nets: Networks, config: EvaluateConfig, pairs: Sequ
     rows, examples = [], []
     for j, pair in enumerate(pairs):
         row = {"index": pair.index, "pair_id": pair.record.pair_id, "description": pair.record.description,
-               "seed": pair.seed, "truth": pair.truth, "changes": finding_changes(pair.record), "systems": {}}
+               "seed": pair.seed, "sampler": pair.sampler, "truth": pair.truth, "changes": finding_changes(pair.record),
+               "systems": {}}
         for s in config.systems:
             row["systems"][s] = {**image_metrics(pair, priors[j], generated[s][j]), **net_rows[s][j]}
         rows.append(row)
@@ -756,7 +769,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     report = _clean({
         "notice": "Generated images are synthetic; research use only, not for diagnosis.",
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
-        "model": {"model_id": eng.model_id, "model_hash": eng.model_hash, "resolution": eng.resolution},
+        "model": {"model_id": eng.model_id, "model_hash": eng.model_hash, "resolution": eng.resolution,
+                  "sampler": sorted({r["sampler"] for r in rows if r.get("sampler")})},
         "networks": {
             "classifier": getattr(nets.classifier, "name", None),
             "classifier_targets": list(getattr(nets.classifier, "targets", ())),
@@ -837,7 +851,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--race-age", default="auto", choices=("auto", "none"),
                    help="torchxrayvision's race/age models when their weights are present (default auto)")
     p.add_argument("--xrv-cache", default=None, help="folder of torchxrayvision weight files")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: the sampler's own, 4 fast or 20 full)")
+    p.add_argument("--sampler", default="auto", choices=("auto", "fast", "full"),
+                   help="auto (the app's: the model's fast sampler when it has one), fast or full (default auto)")
     p.add_argument("--text-guidance", type=float, default=7.5, help="text guidance scale (default 7.5)")
     p.add_argument("--image-guidance", type=float, default=1.5, help="image guidance scale (default 1.5)")
     p.add_argument("--scheduler", default="ddim", help="ddim | euler_a | dpmpp (default ddim)")
@@ -859,7 +876,8 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
         model=args.model, pairs=args.pairs, out=args.out, limit=args.limit, baselines=baselines,
         batch_size=args.batch_size, split=args.split, classifier=args.classifier, segmenter=args.segmenter,
         race_age=args.race_age, xrv_cache=args.xrv_cache, steps=args.steps, text_guidance=args.text_guidance,
-        image_guidance=args.image_guidance, scheduler=args.scheduler, seed=args.seed, device=args.device,
+        image_guidance=args.image_guidance, scheduler=args.scheduler, sampler=args.sampler, seed=args.seed,
+        device=args.device,
         dtype=args.dtype, examples=args.examples, progress=not args.quiet,
     )
 

@@ -105,8 +105,10 @@ def where(delta: np.ndarray, film: FilmLungs, side: str | None, grow: int) -> di
 
 def evaluate_real(model: str | None, films: str, *, split: str = "test", out: str, limit: int | None = None,
                   seed: int = 0, grow: int = 3, device: str = "auto", masks: str = "auto", segmenter: str = "auto",
-                  sheet: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Runs the report (see the module docstring) and writes ``out`` (.json) with ``.md`` and an optional sheet."""
+                  sheet: int = 0, progress: bool = True, sampler: str = "auto", steps: int | None = None) -> dict[str, Any]:
+    """Runs the report (see the module docstring) and writes ``out`` (.json) with ``.md`` and an optional sheet.
+
+    ``sampler`` and ``steps`` as :class:`engine.EditRequest`'s (default: what the app runs)."""
     import engine
     from engine.analysis.segmentation import cardiothoracic_ratio, load_segmenter
 
@@ -121,7 +123,8 @@ def evaluate_real(model: str | None, films: str, *, split: str = "test", out: st
     for k, film in enumerate(films_):
         images = {}
         for key, (instruction, side) in INSTRUCTIONS.items():
-            cf = eng.counterfactual(film.canvas, instruction, seed=seed)
+            cf = eng.counterfactual(film.canvas, instruction, seed=seed, sampler=sampler, steps=steps)
+            used = f"{cf.request.sampler} {cf.request.steps}"
             delta = cf.image - cf.prior
             row = {"film_id": film.film_id, "view": film.view, "mask_source": film.source, "edit": key,
                    "instruction": instruction, **where(delta, film, side, grow)}
@@ -136,7 +139,8 @@ def evaluate_real(model: str | None, films: str, *, split: str = "test", out: st
             print(f"\rreal films: {k + 1}/{len(films_)}", end="", flush=True)
     if progress:
         print()
-    report = {"model_id": eng.model_id, "model_hash": eng.model_hash, "split": split, "films": len(films_),
+    report = {"model_id": eng.model_id, "model_hash": eng.model_hash, "sampler": used if films_ else None,
+              "split": split, "films": len(films_),
               "views": {v: sum(1 for f in films_ if f.view == v) for v in sorted({str(f.view) for f in films_})},
               "mask_sources": {s: sum(1 for f in films_ if f.source == s) for s in sorted({f.source for f in films_})},
               "seed": seed, "grow_px": grow, "seconds": round(time.perf_counter() - t0, 1),
@@ -189,7 +193,8 @@ def aggregate_real(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def markdown_real(report: dict[str, Any]) -> str:
     """The aggregate as a markdown table."""
     lines = [f"Real films: {report['films']} of the {report['split']} patients (views {report['views']}; lungs "
-             f"from {report['mask_sources']}); model `{report['model_id']}` ({report['model_hash'][:12]}), seed "
+             f"from {report['mask_sources']}); model `{report['model_id']}` ({report['model_hash'][:12]}), "
+             f"sampler {report.get('sampler') or '?'}, seed "
              f"{report['seed']}, lungs grown by {report['grow_px']} px.", "",
              "| instruction | films | asked lung > other | asked / other lung (median share) | inside / outside lungs "
              "(median share) | mean abs change (median, max) | CTR rises (median change) |",
@@ -242,6 +247,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--segmenter", default="auto", help="for films without a mask and for the CTR ('none': no CTR)")
     p.add_argument("--sheet", type=int, default=6, help="films in the contact sheet (0: none)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--sampler", default="auto", choices=("auto", "fast", "full"),
+                   help="auto (the app's: the model's fast sampler when it has one), fast or full")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the sampler's own)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -249,7 +257,6 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     report = evaluate_real(args.model, args.films, split=args.split, out=args.out, limit=args.limit, seed=args.seed,
                            grow=args.grow, device=args.device, masks=args.masks, segmenter=args.segmenter,
-                           sheet=args.sheet,
-                           progress=not args.quiet)
+                           sheet=args.sheet, progress=not args.quiet, sampler=args.sampler, steps=args.steps)
     print(markdown_real(report))
     return 0
