@@ -25,9 +25,12 @@ sys.path.insert(0, str(ROOT))
 DOC = ROOT / "docs" / "PERFORMANCE.md"
 EVAL = ROOT / "docs" / "eval"
 BENCH = [sys.executable, "benchmarks/bench_engine.py"]
+FAST = [sys.executable, "benchmarks/bench_fast.py"]
 
 SUITES: dict[str, dict[str, list[str]]] = {
     "cpu": {  # the 2-core CPU: the bundled model, and SD 1.5-sized latency at few steps
+        # issue 28: the fast sampler vs the full one vs diffusers, cold and warm, and the batch CLI
+        "fast": [*FAST, "--threads", "2", "--repeats", "20", "--batch-rows", "24"],
         "bundled": [*BENCH, "--threads", "2", "--method", "instruct", "--batch", "1", "6", "--compare", "diffusers"],
         "bundled_reedit": [*BENCH, "--threads", "2", "--method", "instruct", "--batch", "1", "--prior-cache",
                            "--compare", "diffusers"],
@@ -40,6 +43,9 @@ SUITES: dict[str, dict[str, list[str]]] = {
                   "--resolution", "256", "--batch", "8", "--steps", "5", "--warmup", "2"],
     },
     "gpu": {  # issue 10's targets: SD 1.5-sized at 256 and 512 px, eager and CUDA graphs
+        # issue 28: the bundled model's fast sampler at 256 and 512 px, eager and CUDA graphs
+        "fast": [*FAST, "--res", "256", "512", "--repeats", "30", "--batch-rows", "64"],
+        "fast_graphs": [*FAST, "--res", "256", "512", "--repeats", "30", "--cuda-graphs", "--compare", "none"],
         "sd15": [*BENCH, "--arch", "sd15", "--res", "256", "512", "--steps", "20", "--method", "instruct", "invert",
                  "--batch", "1", "6", "--compare", "diffusers"],
         "sd15_graphs": [*BENCH, "--arch", "sd15", "--res", "256", "512", "--steps", "20", "--batch", "1", "6",
@@ -62,6 +68,10 @@ def table(name: str, data: object) -> str:
     """A benchmark's JSON as a Markdown table plus the line that says where it ran."""
     from benchmarks.bench_engine import format_table
 
+    if isinstance(data, dict) and data.get("kind") == "fast":  # benchmarks/bench_fast.py
+        from benchmarks.bench_fast import format_table as fast_table
+
+        return fast_table(data)
     if isinstance(data, dict) and "environment" in data:  # benchmarks/bench_engine.py
         env = data["environment"]
         where = (f"{env['device_name']}, {env['threads']} threads, torch {env['torch']}, diffusers "
