@@ -24,7 +24,7 @@ import numpy as np
 from engine.errors import InputError, ModelFolderError
 from journey_ui import views
 from journey_ui.workstation import (
-    EXAMPLE_INSTRUCTIONS, INVERSIONS, METHODS, EditResult, Session, Workstation, close_session,
+    EXAMPLE_INSTRUCTIONS, INVERSIONS, METHODS, EditResult, Session, Workstation, close_session, sampler_text,
 )
 
 log = logging.getLogger(__name__)
@@ -174,24 +174,26 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
         if other_notes:
             metrics += "\n\n" + " ".join(other_notes)
         record = result.provenance
+        made_by = sampler_text(record)
         return [
             v(views.mark(result.prior, result.prior_source)), v(cf_view), v(delta_view), v(attention), v(segmentation),
             probs, metrics,
             record.get("instruction_applied") or result.label,
             next(s for s in (record.get("seed"), seed_given, gr.update()) if s is not None),
             json.dumps(result.record(), indent=2, default=str), gr.update(value=a.finding if a is not None else None),
+            f"Made by the **{made_by}**." if made_by else f"Made by {result.method}.",
         ]
 
     def cleared_results() -> list[Any]:
         """Every result panel and export of the Edit and Journey tabs, emptied (the seed kept):
         a new film shows nothing of the previous one."""
-        return [None, None, None, None, None, None, "", "", gr.update(), "", gr.update(value=None),
+        return [None, None, None, None, None, None, "", "", gr.update(), "", gr.update(value=None), "",
                 gr.update(value=[], visible=False), gr.update(value=None, visible=False), None,
                 [], gr.update(value=0, maximum=5), None, None, ""]
 
     def generate(session, compare, method, instruction, severity, source, target, inversion, word_weight,
                  local_blend, steps, text_g, image_g, seed, random_seed, editor, region_structure,
-                 progress=gr.Progress()):
+                 progress=gr.Progress(), sampler="auto"):
         session = ws.session(session)
         regions = ws.regions(session, editor, region_structure)
         args = (instruction, severity, source, target, inversion, word_weight, local_blend, steps, text_g,
@@ -199,7 +201,7 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
         if compare:
             results = ws.compare(session, *args, progress=progress)
         else:
-            results = [ws.edit(session, method, *args, progress=progress)]
+            results = [ws.edit(session, method, *args, progress=progress, sampler=sampler)]
         gallery, rows = [], []
         for r in results if compare else []:
             view = views.mark(r.image, r.source)
@@ -216,6 +218,29 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
         return [*shown, gr.update(value=gallery, visible=bool(compare)), gr.update(value=rows, visible=bool(compare)),
                 session]
 
+    def refine(session, compare, method, instruction, severity, source, target, inversion, word_weight,
+               local_blend, steps, text_g, image_g, seed, random_seed, editor, region_structure,
+               progress=gr.Progress()):
+        """Generate on the full sampler (the refined result of what the fast path showed)."""
+        return generate(session, False, method, instruction, severity, source, target, inversion, word_weight,
+                        local_blend, steps, text_g, image_g, seed, random_seed, editor, region_structure,
+                        progress=progress, sampler="full")
+
+    def live_preview(session, method, instruction, severity, text_g, image_g, seed, steps):
+        """The live preview (Generate's path, no analysis) follows the description, severity, guidance
+        and seed; an older, slower one leaves the image alone.
+        What the engine refuses is said under the preview, not in a pop-up at every keystroke."""
+        session = ws.session(session)
+        if method != METHODS[0]:
+            return gr.update(), gr.update(), session
+        try:
+            shown = ws.preview(session, instruction, severity, text_g, image_g, seed, steps)
+        except InputError as exc:
+            return gr.update(), f"Preview: {exc}", session
+        if shown is None:
+            return gr.update(), gr.update(), session
+        return session.view_file(views.mark(shown.image, "synthetic")), shown.caption, session
+
     def reanalyse(session, finding, structure):
         session = ws.session(session)
         return show_result(ws.reanalyse(session, finding, structure), session)
@@ -225,7 +250,7 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
 
     def load(path, session):
         image, read, meta, session = ws.load(path, session)
-        return session.view_file(image), read, meta, gr.update(value=image), *cleared_results(), session
+        return session.view_file(image), read, meta, gr.update(value=image), *cleared_results(), None, "", session
 
     def exported_files(session):
         return list(ws.session(session).shown_exports) or None
@@ -252,13 +277,15 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
     def needs_series(session):
         ws.require("series", session)
 
-    def ladder(session, finding, steps, text_g, image_g, seed, progress=gr.Progress()):
+    def ladder(session, finding, steps, text_g, image_g, seed, fast=True, progress=gr.Progress()):
         session = ws.session(session)
-        return journey_outputs(ws.ladder(session, finding, steps, text_g, image_g, seed, progress), session)
+        return journey_outputs(ws.ladder(session, finding, steps, text_g, image_g, seed, progress,
+                                         sampler="auto" if fast else "full"), session)
 
-    def chain(session, lines, steps, text_g, image_g, seed, progress=gr.Progress()):
+    def chain(session, lines, steps, text_g, image_g, seed, fast=True, progress=gr.Progress()):
         session = ws.session(session)
-        return journey_outputs(ws.chain(session, lines, steps, text_g, image_g, seed, progress), session)
+        return journey_outputs(ws.chain(session, lines, steps, text_g, image_g, seed, progress,
+                                        sampler="auto" if fast else "full"), session)
 
     def journey_outputs(frames, session):
         items = [(session.view_file(views.mark(img, src, cap)), cap) for img, cap, src in frames]
@@ -278,10 +305,11 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
         session = ws.session(session)
         return series_outputs(ws.reorder_series(session, order), session)
 
-    def series_step(session, index, instruction, severity, steps, text_g, image_g, seed, progress=gr.Progress()):
+    def series_step(session, index, instruction, severity, steps, text_g, image_g, seed, fast=True,
+                    progress=gr.Progress()):
         session = ws.session(session)
         frames, comparison = ws.series_step(session, index, instruction, severity, steps, text_g, image_g, seed,
-                                            progress)
+                                            progress, sampler="auto" if fast else "full")
         out = list(journey_outputs(frames, session))
         pairing = ws.series_pairing(session, index)
         out[4] = pairing
@@ -325,8 +353,13 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                                          file_types=[".dcm", ".dicom", ".png", ".jpg", ".jpeg", ""],
                                          elem_id="upload")
                         gr.Examples(example_files(), inputs=upload, label="Examples (simulated cases; RG1_UNCR.dcm is a real CR chest)")
-                        preview = gr.Image(format="png", label="As read", interactive=False, height=300, elem_id="preview")
+                        with gr.Row(equal_height=True):
+                            preview = gr.Image(format="png", label="As read", interactive=False, height=300,
+                                               elem_id="preview")
+                            live = gr.Image(format="png", label="Live preview", interactive=False, height=300,
+                                            elem_id="live-preview")
                         read_info = gr.Markdown(elem_id="read-info")
+                        live_info = gr.Markdown(elem_id="live-info")
                         with gr.Accordion("Metadata (no patient identifiers)", open=False):
                             meta = gr.JSON(label="What was read")
                     with gr.Column(scale=1):
@@ -337,7 +370,7 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                                                      value=EXAMPLE_INSTRUCTIONS[0][0], elem_id="instruction")
                             gr.Examples(EXAMPLE_INSTRUCTIONS, inputs=instruction, label="Example phrases")
                             severity = gr.Radio(["none", "slight", "moderate", "large"], value="none",
-                                                label="Severity (rewrites the description)")
+                                                label="Severity (rewrites the description)", elem_id="severity")
                             applied_preview = gr.Textbox(label="Instruction as it will be applied", interactive=False,
                                                          value=EXAMPLE_INSTRUCTIONS[0][0])
                             instruction_warning = gr.Markdown(instruction_notice(EXAMPLE_INSTRUCTIONS[0][0], "none"),
@@ -353,7 +386,8 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                                 word_weight = gr.Slider(0, 4, value=2.0, step=0.1, label="Edited-word weight")
                             local_blend = gr.Textbox(label="Local blend words (optional)", placeholder="devices")
                         with gr.Row():
-                            steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
+                            steps = gr.Slider(1, 100, value=20, step=1,
+                                              label="Steps (full sampler)" if ws.fast_steps else "Steps")
                             text_g = gr.Slider(0, 20, value=7.5, step=0.5, label="Text guidance")
                             image_g = gr.Slider(0, 5, value=1.5, step=0.1, label="Image guidance")
                         with gr.Row():
@@ -368,7 +402,12 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                                                     image_mode="RGBA", height=320, sources=(),
                                                     brush=gr.Brush(colors=["#ff3030"], default_size=24),
                                                     layers=False, transforms=())
-                        go = gr.Button("Generate counterfactual", variant="primary", elem_id="generate")
+                        with gr.Row():
+                            go = gr.Button(f"Generate counterfactual (fast, {ws.fast_steps} steps)" if ws.fast_steps
+                                           else "Generate counterfactual", variant="primary", elem_id="generate")
+                            refine_btn = gr.Button("Refine (full sampler)", elem_id="refine",
+                                                   visible=ws.fast_steps is not None)
+                        gr.Markdown(ws.sampler_summary, elem_id="sampler-summary")
                 with gr.Row(equal_height=True):
                     prior_out = gr.Image(format="png", label="Prior (model input)", interactive=False, elem_id="out-prior")
                     cf_out = gr.Image(format="png", label="Counterfactual (synthetic)", interactive=False, elem_id="out-cf")
@@ -387,6 +426,7 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                     with gr.Column():
                         metrics = gr.Markdown(elem_id="metrics")
                 applied = gr.Textbox(label="Applied exactly as", interactive=False, elem_id="applied")
+                made_by = gr.Markdown(elem_id="made-by")
                 compare_gallery = gr.Gallery(format="png", object_fit="contain", label="Compare: instruction model, inversion edit, identity",
                                              columns=6, visible=False, height=300, elem_id="compare-gallery")
                 compare_table = gr.Dataframe(
@@ -411,6 +451,10 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                     j_text_g = gr.Slider(0, 20, value=7.5, step=0.5, label="Text guidance")
                     j_image_g = gr.Slider(0, 5, value=1.5, step=0.1, label="Image guidance")
                     j_seed = gr.Number(value=0, precision=0, label="Seed")
+                    j_fast = gr.Checkbox(value=ws.fast_steps is not None, interactive=ws.fast_steps is not None,
+                                         label=f"Fast sampler ({ws.fast_steps} steps; off: the full sampler with these "
+                                               "steps)" if ws.fast_steps else "Fast sampler (this model has none)",
+                                         elem_id="journey-fast")
                 with gr.Tabs():
                     with gr.Tab("Severity ladder"):
                         ladder_finding = gr.Textbox(label="Finding", value="left pleural effusion",
@@ -451,15 +495,25 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
 
         # -- wiring ----------------------------------------------------------------------------------
         edit_outputs = [prior_out, cf_out, delta_out, attention_out, seg_out, probs, metrics, applied, seed,
-                        provenance, finding]
+                        provenance, finding, made_by]
         journey_out = [timeline, frame_slider, frame_view, journey_gif, series_metrics, session]
         # Every result of the Edit and Journey tabs, in the order of cleared_results().
         result_outputs = [*edit_outputs, compare_gallery, compare_table, exported, *journey_out[:-1]]
+        preview_inputs = [session, method, instruction, severity, text_g, image_g, seed, steps]
+        preview_outputs = [live, live_info, session]
         # Reading the upload first, with no outputs: a refused file is one message and the panels
-        # (and the film) stay as they were; a good one replaces the film and empties every result.
+        # (and the film) stay as they were; a good one replaces the film and empties every result,
+        # the live preview included, which then follows the new film.
         upload.change(_handler(check_upload), upload, None, api_name=False).success(
-            _handler(load), [upload, session], [preview, read_info, meta, editor, *result_outputs, session],
-            api_name="load")
+            _handler(load), [upload, session], [preview, read_info, meta, editor, *result_outputs, live, live_info,
+                                                session],
+            api_name="load").success(_gpu(_handler(live_preview)), preview_inputs, preview_outputs,
+                                     api_name=False, show_progress="hidden", **heavy)
+        # One event for every control the preview depends on: while a preview runs, further changes
+        # collapse into one more run (always_last), so fast typing is debounced and the last state wins.
+        gr.on([instruction.change, severity.change, text_g.release, image_g.release, seed.change],
+              _gpu(_handler(live_preview)), preview_inputs, preview_outputs, api_name="preview",
+              trigger_mode="always_last", show_progress="hidden", **heavy)
         method.change(method_switch, method, [instruct_box, invert_box, image_g], api_name=False)
         for control in (instruction, severity):
             control.change(ws.preview_instruction, [instruction, severity], applied_preview, api_name=False)
@@ -471,6 +525,12 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
              steps, text_g, image_g, seed, random_seed, editor, region_structure],
             [*edit_outputs, compare_gallery, compare_table, session], api_name="generate", **heavy,
         )
+        refine_btn.click(_handler(needs_image), session, None, api_name=False).success(
+            _gpu(_handler(refine)),
+            [session, compare, method, instruction, severity, source, target, inversion, word_weight, local_blend,
+             steps, text_g, image_g, seed, random_seed, editor, region_structure],
+            [*edit_outputs, compare_gallery, compare_table, session], api_name="refine", **heavy,
+        )
         for control in (finding, metric_structure):
             control.input(_gpu(_handler(reanalyse)), [session, finding, metric_structure], edit_outputs,
                           api_name=False, **heavy)
@@ -478,11 +538,11 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
         dcm_btn.click(_handler(export_dicom), [session, keep_ids], exported, api_name="export_dicom")
         prov_btn.click(_handler(export_provenance), session, exported, api_name="export_provenance")
         ladder_btn.click(_handler(needs_image), session, None, api_name=False).success(
-            _gpu(_handler(ladder)), [session, ladder_finding, j_steps, j_text_g, j_image_g, j_seed], journey_out,
+            _gpu(_handler(ladder)), [session, ladder_finding, j_steps, j_text_g, j_image_g, j_seed, j_fast], journey_out,
             api_name="ladder", **heavy,
         )
         chain_btn.click(_handler(needs_image), session, None, api_name=False).success(
-            _gpu(_handler(chain)), [session, chain_text, j_steps, j_text_g, j_image_g, j_seed], journey_out,
+            _gpu(_handler(chain)), [session, chain_text, j_steps, j_text_g, j_image_g, j_seed, j_fast], journey_out,
             api_name="chain", **heavy,
         )
         series_out = [timeline, series_prior, series_summary, frame_slider, frame_view, journey_gif, series_metrics,
@@ -492,7 +552,7 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                                api_name="reorder_series")
         series_btn.click(_handler(needs_series), session, None, api_name=False).success(
             _gpu(_handler(series_step)),
-            [session, series_prior, series_instruction, series_severity, j_steps, j_text_g, j_image_g, j_seed],
+            [session, series_prior, series_instruction, series_severity, j_steps, j_text_g, j_image_g, j_seed, j_fast],
             journey_out, api_name="series_step", **heavy,
         )
         frame_slider.input(pick_frame, [session, frame_slider], frame_view, api_name=False)

@@ -167,6 +167,8 @@ class Session:
     exports: list[str] = field(default_factory=list)
     shown_exports: list[str] = field(default_factory=list)
     views: list[Path] = field(default_factory=list)
+    preview_ticket: int = 0
+    """Number of the newest live preview started (a slower, older one never replaces its image)."""
 
     def clear_results(self) -> None:
         """Forgets every result of the film that was loaded: the edit, the comparison, the
@@ -256,6 +258,32 @@ def close_session(session: Session | None) -> None:
     """``gr.State``'s delete callback: the session's files go when the user leaves."""
     if isinstance(session, Session):
         session.close()
+
+
+@dataclass
+class Preview:
+    """A live preview: the counterfactual alone (no analysis), with what made it.
+
+    Attributes:
+        image: ``(S, S)`` the counterfactual on the model canvas.
+        caption: one line: the sampler, its steps, the time it took and the instruction applied.
+        ticket: the session's preview number it answers.
+    """
+
+    image: np.ndarray
+    caption: str
+    ticket: int
+
+
+def sampler_text(provenance: dict[str, Any]) -> str:
+    """"fast sampler, 4 steps" / "full sampler, 20 steps" from a result's provenance (with why auto chose full)."""
+    info = provenance.get("sampler") or {}
+    if not info:
+        return ""
+    text = f"{info.get('path', '?')} sampler, {info.get('steps', '?')} steps"
+    if info.get("note"):
+        text += f" ({info['note']})"
+    return text
 
 
 def target_structure(instruction: str, structures: Sequence[str]) -> str | None:
@@ -448,6 +476,7 @@ class Workstation:
         self._simulated = {_content_key(Path(f)) for f in simulated_files}
         self._checked: OrderedDict[tuple[str, int, int], XRay] = OrderedDict()
         self._checked_lock = threading.Lock()
+        self._tickets = threading.Lock()
 
     # -- shared facts -----------------------------------------------------------------------
     @property
@@ -481,6 +510,34 @@ class Workstation:
         except (InputError, ValueError):
             applied = instruction or ""
         return instruction_warning(applied, self.vocabulary)
+
+    @property
+    def fast_steps(self) -> int | None:
+        """The loaded model's fast sampler's steps, or None when it has none (every edit is then full)."""
+        fast = getattr(self.eng, "fast", None)
+        return None if fast is None else int(fast.steps)
+
+    def sampling(self, steps: float | None, sampler: str = "auto") -> dict[str, Any]:
+        """The request fields of a control's sampler choice.
+
+        ``auto`` with a fast sampler: its own steps (the steps slider is the full sampler's);
+        ``full``, or a model without a fast sampler: the full sampler at ``steps``.
+        """
+        if sampler not in ("auto", "full"):
+            raise InputError(f"sampler must be auto or full, not {sampler!r}")
+        if sampler == "auto" and self.fast_steps is not None:
+            return {"sampler": "auto", "steps": None}
+        return {"sampler": "full", "steps": int(steps) if steps is not None else None}
+
+    @property
+    def sampler_summary(self) -> str:
+        """What Generate, the live preview and Refine run on the loaded model, in one line."""
+        if self.fast_steps is None:
+            return ("This model has no fast sampler: every edit runs the full sampler (three guidance branches per "
+                    "step) with the steps you set.")
+        return (f"Generate and the live preview run the fast sampler ({self.fast_steps} steps, one UNet call each, "
+                "distilled from this model); **Refine** runs the full sampler (three guidance branches per step) "
+                "with the steps you set, and every result says which made it.")
 
     @property
     def findings(self) -> list[str]:
@@ -579,6 +636,38 @@ class Workstation:
             return f"({exc})"
 
     # -- the edit tab ---------------------------------------------------------------------------
+    def preview(self, session: Session | None, instruction: str, severity: str, text_g: float, image_g: float,
+                seed: float | None, steps: float | None = None) -> Preview | None:
+        """The live preview of the instruction as it stands: Generate's path, without the analysis.
+
+        ``steps`` is used only by a model without a fast sampler (its preview is then a full edit).
+
+        None when there is nothing to preview (no radiograph, no instruction, a model that only
+        inverts) or when a newer preview of this session started while this one ran, so a slow
+        request never replaces a newer one's image.
+
+        Raises:
+            InputError: settings the engine refuses (the message says which).
+        """
+        session = self.session(session)
+        with self._tickets:
+            session.preview_ticket += 1
+            ticket = session.preview_ticket
+        if session.xray is None or not (instruction or "").strip() or not self.instruct_capable:
+            return None
+        request = engine.EditRequest(instruction=instruction, severity=severity, text_guidance=float(text_g),
+                                     image_guidance=float(image_g), seed=0 if seed is None else int(seed),
+                                     **self.sampling(steps if steps else 20))
+        t0 = time.perf_counter()
+        cf = self.eng.counterfactual(session.xray, request)
+        seconds = time.perf_counter() - t0
+        if session.preview_ticket != ticket:
+            return None
+        caption = (f"Live preview · {sampler_text(cf.provenance())} · {seconds:.2f} s · seed {cf.request.seed} · "
+                   f"{cf.instruction_applied}")
+        return Preview(cf.image, caption, ticket)
+
+
     def regions(self, session: Session, editor_value: Any, structure: str | None) -> Any:
         """The edit region from the painted mask and/or a structure; None when neither is set."""
         xray = self._need_xray(session)
@@ -597,8 +686,11 @@ class Workstation:
     def edit(self, session: Session, method: str, instruction: str, severity: str, source: str, target: str,
              inversion: str, word_weight: float, local_blend: str, steps: float, text_g: float, image_g: float,
              seed: float | None, random_seed: bool, regions: Any = None,
-             progress: Callable[..., Any] = _no_progress) -> EditResult:
+             progress: Callable[..., Any] = _no_progress, sampler: str = "auto") -> EditResult:
         """One edit by the chosen method, analysed.
+
+        ``sampler``: ``auto`` (Generate: the fast sampler when the model has one, else the full
+        one at ``steps``) or ``full`` (Refine: the full sampler at ``steps``); instruct only.
 
         Raises:
             InputError: no radiograph loaded, bad settings, or the model cannot use the method.
@@ -608,13 +700,14 @@ class Workstation:
         if method == METHODS[0]:
             if not self.instruct_capable:
                 raise InputError(f"{self.eng.model_id} is a text-to-image model: use 'Inversion edit'")
-            request = engine.EditRequest(instruction=instruction or "", severity=severity, steps=int(steps),
-                                         text_guidance=float(text_g), image_guidance=float(image_g), seed=seed_value)
+            request = engine.EditRequest(instruction=instruction or "", severity=severity,
+                                         text_guidance=float(text_g), image_guidance=float(image_g), seed=seed_value,
+                                         **self.sampling(steps, sampler))
             progress(0.1, desc="Generating the counterfactual")
             cf = self.eng.counterfactuals(xray, [request], regions=regions)[0]
             warning = self.instruction_warning(cf.instruction_applied)
-            result = EditResult("instruct", f"instruction: {cf.instruction_applied}", cf.prior, cf.image,
-                                cf.image_input, cf.provenance(), prior_source=session.source,
+            result = EditResult("instruct", f"instruction: {cf.instruction_applied} ({sampler_text(cf.provenance())})",
+                                cf.prior, cf.image, cf.image_input, cf.provenance(), prior_source=session.source,
                                 warnings=(warning,) if warning else ())
             hint = cf.instruction_applied
         elif method == METHODS[1]:
@@ -688,15 +781,16 @@ class Workstation:
 
     # -- the journey tab --------------------------------------------------------------------------
     def ladder(self, session: Session, finding: str, steps: float, text_g: float, image_g: float, seed: float | None,
-               progress: Callable[..., Any] = _no_progress) -> list[tuple[np.ndarray, str, str]]:
-        """A severity ladder around the current image, generated as one batch; frames
-        ``(image, caption, source)``."""
+               progress: Callable[..., Any] = _no_progress,
+               sampler: str = "auto") -> list[tuple[np.ndarray, str, str]]:
+        """A severity ladder around the current image, generated as one batch (on the fast sampler
+        when the model has one, unless ``sampler`` is ``full``); frames ``(image, caption, source)``."""
         xray = self._need_xray(session)
         self._need_instruct()
         rungs = ladder_instructions(finding)
         seed_value = 0 if seed is None else int(seed)
-        requests = [engine.EditRequest(instruction=text, severity=sev, steps=int(steps), text_guidance=float(text_g),
-                                       image_guidance=float(image_g), seed=seed_value)
+        requests = [engine.EditRequest(instruction=text, severity=sev, text_guidance=float(text_g),
+                                       image_guidance=float(image_g), seed=seed_value, **self.sampling(steps, sampler))
                     for _, text, sev in rungs if text is not None]
         progress(0.1, desc=f"Generating {len(requests)} rungs as one batch")
         results = iter(self.eng.counterfactuals(xray, requests))
@@ -713,7 +807,8 @@ class Workstation:
         return session.journey
 
     def chain(self, session: Session, instructions: str, steps: float, text_g: float, image_g: float,
-              seed: float | None, progress: Callable[..., Any] = _no_progress) -> list[tuple[np.ndarray, str, str]]:
+              seed: float | None, progress: Callable[..., Any] = _no_progress,
+              sampler: str = "auto") -> list[tuple[np.ndarray, str, str]]:
         """Chained edits: each line's instruction edits the previous step's result; frames
         ``(image, caption, source)``."""
         xray = self._need_xray(session)
@@ -727,8 +822,8 @@ class Workstation:
         frames: list[tuple[np.ndarray, str, str]] = []
         for i, text in enumerate(lines):
             progress((i, len(lines)), desc=f"Step {i + 1} of {len(lines)}")
-            cf = self.eng.counterfactual(current, text, steps=int(steps), text_guidance=float(text_g),
-                                         image_guidance=float(image_g), seed=None if seed is None else int(seed) + i)
+            cf = self.eng.counterfactual(current, text, text_guidance=float(text_g), image_guidance=float(image_g),
+                                         seed=None if seed is None else int(seed) + i, **self.sampling(steps, sampler))
             if not frames:
                 frames.append((cf.prior, f"start ({session.source} prior)", session.source))
             frames.append((cf.image, f"step {i + 1}: {cf.instruction_applied}", "synthetic"))
@@ -819,7 +914,8 @@ class Workstation:
 
     def series_step(self, session: Session, prior_index: int, instruction: str, severity: str, steps: float,
                     text_g: float, image_g: float, seed: float | None,
-                    progress: Callable[..., Any] = _no_progress) -> tuple[list[tuple[np.ndarray, str, str]], Any]:
+                    progress: Callable[..., Any] = _no_progress,
+                    sampler: str = "auto") -> tuple[list[tuple[np.ndarray, str, str]], Any]:
         """Counterfactual of study ``prior_index`` for the next study's change, compared with the
         real, registered follow-up. Returns the frames and the comparison.
 
@@ -832,9 +928,9 @@ class Workstation:
             raise InputError(f"Pick a prior from study 1 to {len(session.series) - 1}: the next study is the follow-up")
         prior, followup = session.series[i], session.series[i + 1]
         progress(0.1, desc="Generating the counterfactual")
-        cf = self.eng.counterfactual(prior, instruction or "", severity=severity, steps=int(steps),
+        cf = self.eng.counterfactual(prior, instruction or "", severity=severity,
                                      text_guidance=float(text_g), image_guidance=float(image_g),
-                                     seed=None if seed is None else int(seed))
+                                     seed=None if seed is None else int(seed), **self.sampling(steps, sampler))
         follow_canvas, _ = self.eng.prepare(followup)
         comparison = None
         if self.analyst is not None:

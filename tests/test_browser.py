@@ -1,10 +1,11 @@
 """End to end in a real browser: ``python app.py`` with the bundled model on 127.0.0.1, driven
 through Debian's headless Chromium by Playwright.
 
-Uploads a simulated example (labelled SIMULATED), generates, waits for the four analysis images,
-exports the figure and the DICOM, runs a 3-step chained journey, checks the downloaded files,
-then loads a second film (the real CR RG1_UNCR.dcm) and checks that nothing of the first stays on
-either tab; saves screenshots to ``$CXR_SCREENSHOTS`` (default: the test's temporary folder). Skipped when Chromium or
+Uploads a simulated example (labelled SIMULATED), watches the live preview follow a change of
+severity, generates, waits for the four analysis images, exports the figure and the DICOM, runs a
+3-step chained journey, checks the downloaded files, then loads a second film (the real CR
+RG1_UNCR.dcm) and checks that nothing of the first stays on either tab; saves screenshots to
+``$CXR_SCREENSHOTS`` (default: the test's temporary folder). Skipped when Chromium or
 Playwright is missing (``.ci/run`` installs Chromium).
 """
 
@@ -139,12 +140,25 @@ def test_upload_generate_journey_and_exports_then_a_second_film(page, tmp_path, 
     # a simulated example was never acquired: its banner says SIMULATED (item 4 of issue 27)
     assert _banner_colour(page, page.locator("#preview img")) == banner_colour("simulated")
     assert "simulated film" in page.locator("#read-info").inner_text()
+    # The live preview: loading the image previews the default instruction; a new severity updates it.
+    live, info = page.locator("#live-preview img"), page.locator("#live-info")
+    live.wait_for(timeout=GENERATE_S * 1000)
+    sync_api.expect(info).to_contain_text("new large left pleural effusion", timeout=GENERATE_S * 1000)
+    first = live.get_attribute("src")
+    page.locator("#severity").get_by_label("moderate").check()
+    sync_api.expect(info).to_contain_text("new moderate left pleural effusion", timeout=GENERATE_S * 1000)
+    assert live.get_attribute("src") != first  # the image itself changed, not only its caption
+    assert info.inner_text().startswith("Live preview · ")
+    page.screenshot(path=str(shots / "workstation-preview.png"), full_page=True)
+    page.locator("#severity").get_by_label("large").check()
+    sync_api.expect(info).to_contain_text("new large left pleural effusion", timeout=GENERATE_S * 1000)
     page.locator("#generate").click()
     for elem in ("out-cf", "out-delta", "out-attention", "out-seg"):
         page.locator(f"#{elem} img").wait_for(timeout=GENERATE_S * 1000)
     assert page.locator("#applied textarea").input_value() == "new large left pleural effusion"
     assert _banner_colour(page, page.locator("#out-prior img")) == banner_colour("simulated")
     assert "trained on simulated radiographs" in page.locator("#metrics").inner_text()
+    sync_api.expect(page.locator("#made-by")).to_contain_text("sampler")
     page.screenshot(path=str(shots / "workstation-edit.png"), full_page=True)
 
     page.locator("#export-figure").click()

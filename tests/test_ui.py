@@ -745,14 +745,109 @@ def test_served_second_film_clears_every_result_of_the_first(served, rg1_dicom):
     assert len(client.predict(api_name="/export_provenance")) == 2  # the DICOM is still listed
     client.predict("new right pleural effusion", 2, 7.5, 1.5, 0, api_name="/chain")
     out = client.predict(handle_file(str(rg1_dicom)), api_name="/load")
-    (prior, cf, delta, attention, seg, probs, metrics, applied, seed, provenance, finding, gallery, table, exported,
-     timeline, slider, frame, gif, series_metrics) = out[4:]
+    (prior, cf, delta, attention, seg, probs, metrics, applied, seed, provenance, finding, made_by, gallery, table,
+     exported, timeline, slider, frame, gif, series_metrics, live, live_info) = out[4:]
     assert out[1].startswith("Read: **CR**")  # the second film is shown...
-    assert prior is cf is delta is attention is seg is exported is frame is gif is None  # ...and nothing of the first
-    assert probs["data"] == [] and metrics == applied == provenance == series_metrics == "" and timeline == []
+    assert prior is cf is delta is attention is seg is exported is frame is gif is live is None  # ...nothing of the first
+    assert probs["data"] == [] and metrics == applied == provenance == series_metrics == made_by == live_info == ""
+    assert timeline == []
     assert gallery["value"] == [] and gallery["visible"] is False and table["value"]["data"] == []
     assert finding["value"] is None and slider["value"] == 0 and "value" not in seed  # the seed is the user's, kept
     with pytest.raises(Exception, match="Generate a counterfactual first"):
         client.predict(False, api_name="/export_dicom")
     _generate(client)
     assert len(client.predict(False, api_name="/export_dicom")) == 1  # a new list for the new film
+
+
+# -- the fast sampler: Generate, Refine, the live preview, the journey ------------------------------
+@pytest.fixture(scope="module")
+def fast_ws(fast_engine, analyst):
+    return Workstation(fast_engine, analyst)
+
+
+def test_generate_runs_the_fast_sampler_and_refine_the_full_one(fast_ws, rg1_dicom):
+    s = Session()
+    fast_ws.load(str(rg1_dicom), s)
+    fast = fast_ws.edit(s, *edit_args(steps=7))
+    assert fast.provenance["sampler"] == {"path": "fast", "steps": 4, "unet": "unet_fast"}
+    assert "(fast sampler, 4 steps)" in fast.label and fast.analysis is not None
+    refined = fast_ws.edit(s, *edit_args(steps=7), sampler="full")
+    assert refined.provenance["sampler"]["path"] == "full" and refined.provenance["request"]["steps"] == 7
+    assert "Refine" in fast_ws.sampler_summary and fast_ws.fast_steps == 4
+    strong = fast_ws.edit(s, *edit_args(text_g=15.0))  # outside what the student learned: full, and it says why
+    assert strong.provenance["sampler"]["path"] == "full" and "trained ranges" in strong.provenance["sampler"]["note"]
+    s.close()
+
+
+def test_the_ladder_runs_on_the_fast_sampler_unless_asked(fast_ws, rg1_dicom, monkeypatch):
+    s = Session()
+    fast_ws.load(str(rg1_dicom), s)
+    seen = []
+    original = fast_ws.eng.counterfactuals
+    monkeypatch.setattr(fast_ws.eng, "counterfactuals", lambda *a, **k: seen.append(a[1]) or original(*a, **k))
+    fast_ws.ladder(s, "left pleural effusion", 20, 7.5, 1.5, 0)
+    fast_ws.ladder(s, "left pleural effusion", 3, 7.5, 1.5, 0, sampler="full")
+    assert {(r.sampler, r.steps) for r in seen[0]} == {("auto", None)}
+    assert {(r.sampler, r.steps) for r in seen[1]} == {("full", 3)}
+    s.close()
+
+
+def test_live_preview_shows_the_default_path_and_never_an_older_result(fast_ws, rg1_dicom, monkeypatch):
+    import threading
+
+    s = Session()
+    assert fast_ws.preview(s, "new left pleural effusion", "large", 7.5, 1.5, 0) is None  # nothing loaded
+    fast_ws.load(str(rg1_dicom), s)
+    assert fast_ws.preview(s, "   ", "large", 7.5, 1.5, 0) is None
+    shown = fast_ws.preview(s, "new left pleural effusion", "large", 7.5, 1.5, 3)
+    assert shown.image.shape == (64, 64) and shown.caption.startswith("Live preview · fast sampler, 4 steps")
+    assert shown.caption.endswith("new large left pleural effusion") and "seed 3" in shown.caption
+    # a slow preview is overtaken by a newer one: it returns nothing, so its image never replaces the newer one
+    original = fast_ws.eng.counterfactual
+    started, release = threading.Event(), threading.Event()
+
+    def slow_first(image, request, **kw):
+        if request.severity == "slight":
+            started.set()
+            release.wait(10)
+        return original(image, request, **kw)
+
+    monkeypatch.setattr(fast_ws.eng, "counterfactual", slow_first)
+    results = {}
+    older = threading.Thread(target=lambda: results.setdefault(
+        "older", fast_ws.preview(s, "new left pleural effusion", "slight", 7.5, 1.5, 0)))
+    older.start()
+    started.wait(10)
+    results["newer"] = fast_ws.preview(s, "new left pleural effusion", "large", 7.5, 1.5, 0)
+    release.set()
+    older.join(20)
+    assert results["newer"] is not None and results["older"] is None
+    assert results["newer"].ticket == s.preview_ticket
+    s.close()
+
+
+def test_live_preview_on_a_model_without_a_fast_sampler_is_a_full_edit(ws, session):
+    shown = ws.preview(session, "new left pleural effusion", "none", 7.5, 1.5, 0, steps=2)
+    assert shown is not None and "full sampler, 2 steps" in shown.caption
+    assert ws.fast_steps is None and "no fast sampler" in ws.sampler_summary
+
+
+def test_served_live_preview_and_refine(fast_engine, analyst, rg1_dicom):
+    from gradio_client import Client, handle_file
+
+    from journey_ui import build
+
+    demo = build(fast_engine, analyst)
+    demo.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1", server_port=None,
+                                                   prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        client.predict(handle_file(str(rg1_dicom)), api_name="/load")
+        image, caption = client.predict(METHODS[0], "new left pleural effusion", "moderate", 7.5, 1.5, 2, 20,
+                                        api_name="/preview")
+        assert Path(image).is_file() and "fast sampler, 4 steps" in caption
+        out = client.predict(False, METHODS[0], "new left pleural effusion", "moderate", "a", "b", "negative-prompt",
+                             2.0, "", 5, 7.5, 1.5, 2, False, None, "none", api_name="/refine")
+        assert json.loads(out[9])["sampler"]["path"] == "full" and "full sampler, 5 steps" in out[11]
+    finally:
+        demo.close()
