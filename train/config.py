@@ -127,6 +127,9 @@ class TrainConfig:
         fast_grid_share: distill: share of training timesteps drawn from the ``fast_steps``
             grid (the rest from all the teacher's timesteps).
         teacher_batch: distill: draws per teacher sampling batch.
+        rollout_share: distill: share of the items at a later fast-grid timestep whose state comes
+            from the student's own earlier steps rather than the teacher's path (the student must
+            learn to reach the teacher's result from where its own steps leave it).
         student_dtype: distill: the exported student's weights on disk, ``float16`` (half the
             bytes: the model folder must stay small enough to ship and to travel to a GPU
             machine; the engine computes in its own dtype) or ``float32``.
@@ -196,6 +199,7 @@ class TrainConfig:
     guidance_dim: int = 32
     fast_grid_share: float = 0.5
     teacher_batch: int = 8
+    rollout_share: float = 0.5
     student_dtype: str = "float16"
 
     def validate(self) -> TrainConfig:
@@ -248,8 +252,8 @@ class TrainConfig:
                      f"{name} must be two numbers low,high with 0 <= low <= high")
                 need(value[0] <= default <= value[1], f"{name} must contain the engine's default {default}")
             need(self.student_dtype in ("float16", "float32"), "student_dtype must be float16 or float32")
-            need(0 <= self.default_guidance_share <= 1 and 0 <= self.fast_grid_share <= 1,
-                 "default_guidance_share and fast_grid_share must be in [0, 1]")
+            need(all(0 <= v <= 1 for v in (self.default_guidance_share, self.fast_grid_share, self.rollout_share)),
+                 "default_guidance_share, fast_grid_share and rollout_share must be in [0, 1]")
         return self
 
     def to_dict(self) -> dict[str, Any]:

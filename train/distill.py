@@ -19,7 +19,16 @@ the trainer's loop (checkpoints, resume, EMA, ``accelerate launch``):
    teacher's grid (half the time one of the fast grid's, ``fast_steps``), the point
    ``x_t`` of the straight path through ``z`` and ``x_f`` and the ``v`` that moves along it
    (:func:`engine.fast.endpoints`, :func:`engine.fast.path_point`); loss ``|| v_student - v ||^2``
-   with the text, the prior and the guidance scales as inputs.
+   with the text, the prior and the guidance scales as inputs. The target is the ``v`` whose
+   clean estimate is the teacher's endpoint ``X``, ``v = (sqrt(a) x_t - X) / sqrt(1 - a)``, which on
+   the path is the path's own ``v``. A share of the items (``rollout_share``) at a later fast-grid
+   timestep takes its state from the student's *own* steps from ``z`` instead (no gradient
+   through them), with the same target: at sampling time the student's second step sees its
+   first step's (imperfect) result, never the teacher's path, so it must learn to move from
+   there to the teacher's result (the exposure bias of training only on the teacher's states;
+   the DAgger remedy). Learned on journey-mini v7: the teacher's result depends on the start
+   noise as much as on the instruction (two seeds differ by about as much as the edit itself),
+   so a student that only saw the teacher's path made weaker edits (60-70 % of the change).
 
 The export (``python -m train export`` on the run) writes the EMA student into the teacher's
 folder as ``unet_fast/`` and describes it in ``card.json["fast_sampler"]``
@@ -38,7 +47,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine.fast import endpoints, fast_timesteps, guidance_embedding, path_point
+from engine.fast import ddim_jump, endpoints, fast_timesteps, guidance_embedding, path_point
 from engine.instruct import initial_noise, make_scheduler, sample_instruct
 from engine.text import project
 from train.config import TrainConfig
@@ -222,23 +231,36 @@ def distill_loss(cfg: TrainConfig, models: Any, model: torch.nn.Module, texts: A
                  gen: torch.Generator, device: torch.device) -> torch.Tensor:
     """One micro-batch of the student's loss (module docstring, phase 2)."""
     result = batch["result"].to(device)
+    n = len(result)
     shape = (1, *result.shape[1:])
     z = torch.cat([initial_noise(shape, [torch.Generator("cpu").manual_seed(int(s))], dtype=torch.float32,
                                  device=device) for s in batch["seed"]])  # the engine's own start noise
     grid = models.teacher_timesteps
     fast = fast_timesteps(grid, cfg.fast_steps)
-    pick_fast = torch.rand(len(z), generator=gen) < cfg.fast_grid_share
-    from_fast = torch.tensor(fast)[torch.randint(0, len(fast), (len(z),), generator=gen)]
-    from_all = torch.tensor(grid)[torch.randint(0, len(grid), (len(z),), generator=gen)]
-    t = torch.where(pick_fast, from_fast, from_all)
+    pick_fast = torch.rand(n, generator=gen) < cfg.fast_grid_share
+    fast_index = torch.randint(0, len(fast), (n,), generator=gen)
+    from_all = torch.tensor(grid)[torch.randint(0, len(grid), (n,), generator=gen)]
+    t = torch.where(pick_fast, torch.tensor(fast)[fast_index], from_all)
+    rollout = pick_fast & (fast_index > 0) & (torch.rand(n, generator=gen) < cfg.rollout_share)
     alphas, final_alpha = models.schedule
     clean, noise = endpoints(z, result, alphas[grid[0]], final_alpha)
-    x_t, v = path_point(clean, noise, alphas[t].to(device))
+    x_t, _ = path_point(clean, noise, alphas[t].to(device))
     states, mask = texts(list(batch["text"]))
+    states, prior = states.to(device), batch["prior"].to(device)
     cond = guidance_embedding(batch["text_guidance"], batch["image_guidance"], cfg.guidance_dim).to(device)
-    model_in = torch.cat([x_t, batch["prior"].to(device)], dim=1)
     attention_mask = None if bool(mask.all()) else mask.to(device)
-    pred = model(model_in, t.to(device), states.to(device), attention_mask, cond=cond)
+    if bool(rollout.any()):  # the student's own first steps from z, as it samples (no gradient)
+        x = z.clone()
+        with torch.no_grad():
+            for k in range(int(fast_index[rollout].max())):
+                step = torch.full((n,), fast[k])
+                v_k = model(torch.cat([x, prior], dim=1), step.to(device), states, attention_mask, cond=cond)
+                x = ddim_jump(x, v_k.float(), alphas[fast[k]].to(device), alphas[fast[k + 1]].to(device))
+                arrived = (rollout & (fast_index == k + 1)).to(device)[:, None, None, None]
+                x_t = torch.where(arrived, x, x_t)
+    a = alphas[t].to(device).reshape(-1, 1, 1, 1)
+    v = (a.sqrt() * x_t - clean) / (1 - a).sqrt()  # the move whose clean estimate is the teacher's endpoint
+    pred = model(torch.cat([x_t, prior], dim=1), t.to(device), states, attention_mask, cond=cond)
     return F.mse_loss(pred.float(), v.float())
 
 
@@ -258,6 +280,7 @@ def fast_sampler_card(cfg: TrainConfig, models: Any, teacher: str, *, run: str, 
         "quality": {},
         "extra": {"run": run, "checkpoint": checkpoint, "steps": step, "ema": ema,
                   "teacher_steps": cfg.teacher_steps, "distill_samples": cfg.distill_samples,
+                  "rollout_share": cfg.rollout_share,
                   "stored_dtype": cfg.student_dtype,
                   "manifests": list(cfg.manifests), "batch_size": cfg.batch_size, "lr": cfg.lr},
     }
