@@ -71,3 +71,22 @@ def test_capped_run_stops_with_sigterm_so_rows_are_kept(tmp_path: Path) -> None:
     assert flag.read_text() == "rows kept"
     with open(tmp_path / "log2.txt", "w") as log:
         assert kit._run_capped([sys.executable, "-c", "print('quick')"], {}, 30.0, log) == 0
+
+
+def test_bench_fast_times_every_side_and_its_table_reaches_the_doc(fast_model, tmp_path: Path) -> None:
+    """The fast sampler's benchmark: cold edit, the warm sides against diffusers, the journey, the batch CLI."""
+    out = tmp_path / "fast.json"
+    done = subprocess.run([sys.executable, "benchmarks/bench_fast.py", "--model", str(fast_model), "--repeats", "2",
+                           "--threads", "1", "--device", "cpu", "--batch-rows", "3", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(out.read_text())
+    sides = [r["side"] for r in data["rows"]]
+    assert sides == ["fast", "fast, re-edit", "full", "diffusers", "fast, 6-rung journey"]
+    rows = {r["side"]: r for r in data["rows"]}
+    assert rows["fast"]["unet_calls_per_edit"] == 4 and rows["full"]["unet_calls_per_edit"] == 60
+    assert len(rows["fast"]["times_s"]) == 2 and rows["fast"]["x_faster_than_diffusers"] > 0
+    assert data["cold"]["sampler"] == "fast" and data["cold"]["x_warm"] > 0
+    assert data["batch_cli"]["done"] == 3 and data["batch_cli"]["images_per_s"] > 0
+    table = _module("performance").table("fast", data)
+    assert "| fast, re-edit |" in table and "python -m engine batch" in table and "Cold: model load" in table
