@@ -162,3 +162,17 @@ def test_edit_warns_of_an_instruction_outside_the_models_vocabulary(rg1_dicom, t
                  str(tmp_path / "cf.png"), "--model", str(DEFAULT_MODEL), "--seed", "1", "--steps", "2",
                  "--device", "cpu"]) == 0
     assert "notes" not in json.loads(capsys.readouterr().out)
+
+
+def test_edit_takes_the_fast_sampler_by_default_and_the_full_one_when_asked(fast_model, rg1_dicom, tmp_path, capsys):
+    base = ["edit", str(rg1_dicom), "--instruction", "new right pleural effusion", "--model", str(fast_model),
+            "--seed", "2", "--device", "cpu"]
+    runs = {}
+    for name, extra in (("default", []), ("full", ["--sampler", "full"]), ("steps", ["--steps", "3"])):
+        assert main([*base, *extra, "--out", str(tmp_path / f"{name}.png")]) == 0
+        runs[name] = json.loads(capsys.readouterr().out)["sampler"]
+    assert runs["default"] == {"path": "fast", "steps": 4, "unet": "unet_fast"}
+    assert runs["full"] == {"path": "full", "steps": 20, "unet": "unet"}
+    assert runs["steps"]["path"] == "full" and runs["steps"]["steps"] == 3 and "steps were given" in runs["steps"]["note"]
+    assert main([*base, "--sampler", "fast", "--scheduler", "euler_a", "--out", str(tmp_path / "x.png")]) == 2
+    assert "own schedule" in capsys.readouterr().err
