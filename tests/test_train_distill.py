@@ -28,6 +28,13 @@ def teacher(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def taef_teacher(tmp_path_factory) -> Path:
+    """The same on a TAEF2-style TinyAutoencoder (v8's autoencoder: [0, 1], region decoding)."""
+    return build_tiny_model(tmp_path_factory.mktemp("taef") / "teacher", instruct_target="change",
+                            position_channels=2, seed=6, autoencoder="tiny")
+
+
+@pytest.fixture(scope="module")
 def sim_data(tmp_path_factory) -> Path:
     from train.simulator.writer import SimulationConfig, write_dataset
 
@@ -59,8 +66,11 @@ def test_config_says_what_a_distill_run_needs(tmp_path, teacher, sim_data):
         assert cfg.stage == "distill" and cfg.fast_steps == 4 and cfg.teacher_steps == 20
 
 
-def test_teacher_results_are_the_engines_full_sampler(tmp_path, teacher, sim_data):
-    """What the student learns from is what the engine's full sampler makes for the same draw."""
+@pytest.mark.parametrize("kind", ["kl", "tiny"])
+def test_teacher_results_are_the_engines_full_sampler(tmp_path, teacher, taef_teacher, sim_data, kind):
+    """What the student learns from is what the engine's full sampler makes for the same draw
+    (on the project's VAE and on a TAEF2-style autoencoder, whose change decodes by region)."""
+    teacher = teacher if kind == "kl" else taef_teacher
     from train.data import TensorStore, load_config_items
     from train.distill import draw_key, draws, prior_key
     from train.models import build_models
