@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -75,10 +76,11 @@ def cold_edit(model: str, device: str, dtype: str, canvas: Any, cuda_graphs: boo
     t0 = time.perf_counter()
     eng = engine_api.load(model, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
     load_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     cf = eng.counterfactual(canvas, INSTRUCTION, seed=0)
-    first = time.perf_counter() - t1
-    return eng, {"load_s": round(load_s, 3), "first_edit_s": round(first, 4), "sampler": cf.request.sampler,
+    first, first_cpu = time.perf_counter() - t1, time.process_time() - c1
+    return eng, {"load_s": round(load_s, 3), "first_edit_s": round(first, 4), "first_edit_cpu_s": round(first_cpu, 4),
+                 "sampler": cf.request.sampler,
                  "steps": cf.request.steps, "timings": {k: round(v, 4) for k, v in cf.timings.items()}}
 
 
@@ -124,14 +126,33 @@ def run_resolution(eng: Any, res: int, args: argparse.Namespace) -> list[dict[st
     if fast is not None:
         sides.append((Side("fast, 6-rung journey", timed(lambda: _ladder("fast"), False)), "fast", fast.steps,
                       fast.steps, 6))
-    records = measure([s for s, *_ in sides], eng.device, steps=20, warmup=1, warmup_steps=20,
+    cpu: dict[str, list[float]] = {}
+
+    def with_cpu_time(side: Side) -> Side:
+        """The side, also recording the process's CPU seconds per call: on a CPU with one thread
+        that is the call's compute time, unaffected by other processes sharing the core or
+        pausing this one (the wall time is not)."""
+        def call(steps: int) -> Any:
+            t0 = time.process_time()
+            out = side.call(steps)
+            cpu.setdefault(side.name, []).append(time.process_time() - t0)
+            return out
+        return Side(side.name, call)
+
+    records = measure([with_cpu_time(s) for s, *_ in sides], eng.device, steps=20, warmup=1, warmup_steps=20,
                       repeats=args.repeats, memory=False)
     rows = [_row(side.name, sampler, steps, calls, batch, record, res, eng)
             for (side, sampler, steps, calls, batch), record in zip(sides, records)]
+    for row in rows:  # the first entry is the warm-up call
+        timed_cpu = cpu.get(row["side"], [])[1:]
+        row["cpu_median_s"] = round(statistics.median(timed_cpu), 4) if timed_cpu else None
     by = {r["side"]: r for r in rows}
     for r in rows:
         if "diffusers" in by and r["side"] != "diffusers":
             r["x_faster_than_diffusers"] = round(by["diffusers"]["median_s"] / r["median_s"] * r["batch"], 2)
+            if r.get("cpu_median_s") and by["diffusers"].get("cpu_median_s"):
+                r["x_faster_than_diffusers_cpu"] = round(by["diffusers"]["cpu_median_s"] / r["cpu_median_s"]
+                                                         * r["batch"], 2)
         if "fast" in by and r["side"] == "fast, 6-rung journey":
             r["x_one_fast_edit"] = round(r["median_s"] / by["fast"]["median_s"], 2)
     return rows
@@ -163,7 +184,9 @@ def batch_cli(model: str, rows: int, threads: int | None, device: str) -> dict[s
         if proc.returncode != 0:
             return {"rows": rows, "error": proc.stderr.strip()[-500:]}
         summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        cpu = summary.get("generate_cpu_seconds")
         return {"rows": rows, "done": summary["done"], "images_per_s": summary["images_per_s"],
+                "images_per_cpu_s": round(summary["done"] / cpu, 3) if cpu else None,
                 "load_s": summary["load_seconds"], "wall_s_with_start_up": round(wall, 2),
                 "wall_images_per_s": round(summary["done"] / wall, 3)}
 
@@ -199,6 +222,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     warm = next((r for r in result["rows"] if r["side"] == "fast" and r["res"] == eng.resolution), None)
     if warm is not None:
         result["cold"]["x_warm"] = round(result["cold"]["first_edit_s"] / warm["median_s"], 2)
+        if warm.get("cpu_median_s"):
+            result["cold"]["x_warm_cpu"] = round(result["cold"]["first_edit_cpu_s"] / warm["cpu_median_s"], 2)
     if args.batch_rows:
         print(f"bench_fast: python -m engine batch, {args.batch_rows} rows ...", file=sys.stderr, flush=True)
         result["batch_cli"] = batch_cli(model, args.batch_rows, args.threads, args.device)
@@ -208,25 +233,32 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
 def format_table(result: dict[str, Any]) -> str:
     """The rows as Markdown, with the cold edit and the batch CLI below."""
-    lines = ["| path | res | steps | UNet calls per edit | batch | median (s) | p95 (s) | images/s | x faster than diffusers |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    def f(v: float | None, digits: int = 3) -> str:
+        return "–" if v is None else f"{v:.{digits}f}"
+
+    lines = ["| path | res | steps | UNet calls per edit | batch | median (s) | p95 (s) | CPU s per call (median) | "
+             "images/s | x faster than diffusers (wall / CPU) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        x = r.get("x_faster_than_diffusers")
+        x, xc = r.get("x_faster_than_diffusers"), r.get("x_faster_than_diffusers_cpu")
         lines.append(f"| {r['side']} | {r['res']} | {r['steps']} | {r['unet_calls_per_edit']} | {r['batch']} | "
-                     f"{r['median_s']:.3f} | {r['p95_s']:.3f} | {r['images_per_s']:.2f} | "
-                     f"{'–' if x is None else f'{x:.2f}'} |")
+                     f"{r['median_s']:.3f} | {r['p95_s']:.3f} | {f(r.get('cpu_median_s'))} | {r['images_per_s']:.2f} | "
+                     f"{f(x, 2)} / {f(xc, 2)} |")
     cold = result["cold"]
     lines += ["", f"Cold: model load {cold['load_s']:.2f} s, then the first edit ({cold['sampler']}, {cold['steps']} steps) "
                   f"{cold['first_edit_s']:.3f} s" + (f" = {cold['x_warm']:.2f}x the warm median" if "x_warm" in cold else "")
+              + (f" (CPU {cold['first_edit_cpu_s']:.3f} s = {cold['x_warm_cpu']:.2f}x)" if "x_warm_cpu" in cold else "")
               + "."]
     journey = next((r for r in result["rows"] if "x_one_fast_edit" in r), None)
     if journey:
         lines[-1] += f" The 6-rung journey on the fast path takes {journey['x_one_fast_edit']:.2f}x one fast edit."
     batch = result.get("batch_cli")
     if batch and "error" not in batch:
-        lines.append(f"`python -m engine batch`, {batch['rows']} rows: {batch['images_per_s']:.2f} images/s once loaded "
-                     f"({batch['wall_images_per_s']:.2f} images/s over {batch['wall_s_with_start_up']:.1f} s including "
-                     f"start-up and a {batch['load_s']:.1f} s model load).")
+        per_cpu = batch.get("images_per_cpu_s")
+        lines.append(f"`python -m engine batch`, {batch['rows']} rows: {batch['images_per_s']:.2f} images/s once loaded"
+                     + (f" ({per_cpu:.2f} per CPU second)" if per_cpu else "")
+                     + f"; {batch['wall_images_per_s']:.2f} images/s over {batch['wall_s_with_start_up']:.1f} s including "
+                     f"start-up and a {batch['load_s']:.1f} s model load.")
     env = result["environment"]
     where = (f"{env['device_name']}, {env['threads']} threads, torch {env['torch']}, diffusers {env['diffusers']}, "
              f"commit {env['git_commit']}, load average {env['load_average_1min_start']} at start; model "

@@ -83,6 +83,7 @@ class Progress:
     skipped: int = 0
     seconds: float = 0.0
     generate_seconds: float = 0.0
+    generate_cpu_seconds: float = 0.0
     load_seconds: float = 0.0
     rank: int = 0
     world: int = 1
@@ -98,6 +99,7 @@ class Progress:
         return {"rows": self.rows, "done": self.done, "errors": self.errors, "skipped_already_done": self.skipped,
                 "seconds": round(self.seconds, 2), "load_seconds": round(self.load_seconds, 2),
                 "generate_seconds": round(self.generate_seconds, 2),
+                "generate_cpu_seconds": round(self.generate_cpu_seconds, 2),
                 "images_per_s": None if rate is None else round(rate, 3), "rank": self.rank, "world": self.world,
                 "results": self.results}
 
@@ -385,10 +387,11 @@ def run_batch(jobs_file: str | os.PathLike[str], out: str | os.PathLike[str], *,
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         ready = [(job, *prepared) for job in chunk if (prepared := prepare(job)) is not None]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         _guarded(generate_instruct, [item for item in ready if item[0].method == "instruct"])
         _guarded(generate_invert, [item for item in ready if item[0].method == "invert"])
         progress.generate_seconds += time.perf_counter() - t0
+        progress.generate_cpu_seconds += time.process_time() - c0
         finished = progress.done + progress.errors
         rate = progress.images_per_s
         left = (len(todo) - finished) / rate if rate else float("nan")
