@@ -176,6 +176,19 @@ def test_on_films_command_writes_the_simulators_manifests(tmp_path, capsys):
     # the film as acquired is one image, shared by every edit that starts from it or returns to it
     plain = [i for i in images if i.endswith("-film")]
     assert sorted(plain) == ["film0-film", "film1-film"]
+    # a rendered image knows what its plain film knows (the film's premises stay true under a drawing),
+    # so a classifier sees negatives on real anatomy, not only the rendered positives
+    inherited = 0
+    for r in images.values():
+        film = images[f"{r.extra['film_id']}-film"]
+        assert set(film.extra["labels_known"]) <= set(r.extra["labels_known"])
+        for label in film.extra["labels_known"]:
+            assert r.labels[label] == r.extra["labels_truth"][label]
+            if r.extra["labels_truth"][label] != 1.0:  # not drawn on this image: the film's own value
+                assert r.extra["labels_truth"][label] == film.extra["labels_truth"][label]
+        if r is not film:
+            inherited += sum(v == 0.0 for v in r.extra["labels_truth"].values())
+    assert inherited > 0  # negatives on the rendered images, not only on the plain films
     assert sum(p.prior_id == "film0-film" or p.followup_id == "film0-film" for p in pairs) > 1
     record = next(iter(images.values()))
     bits = np.asarray(Image.open(out / record.extra["mask_path"])).astype(np.int64)

@@ -32,7 +32,7 @@ import json
 import multiprocessing
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -413,10 +413,36 @@ def _film_job(job: tuple[FilmPairsConfig, int, Film]) -> tuple[dict[str, Any], l
         images[image_id] = _write_film_image(config, film, split, image_id, anatomy, render, visits[image_id],
                                              premises[image_id], heart_ok, order=0 if image_id.endswith("-film") else 1,
                                              mask_source=source)
+    inherit_film_labels(images.values())
     for pair in pairs:  # the labels each image knows, as the pair records carry them
         pair.labels_prior.update(images[pair.prior_id].labels)
         pair.labels_followup.update(images[pair.followup_id].labels)
     return row, list(images.values()), pairs
+
+
+def inherit_film_labels(images: Iterable[ImageRecord]) -> None:
+    """Each rendered image of a film also knows what its plain film knows (in place).
+
+    A rendered image is the film plus what was drawn on it, so a label the plain film knows (a
+    premise: "new effusion" takes the film as free of effusion) keeps the film's value wherever the
+    drawing does not set it: the film with a rendered consolidation is free of effusion too. Without
+    this, a rendered image knew only its own positive label, the plain films were nearly the only
+    negatives, and a classifier trained on them learned "a real film has every finding" (held-out
+    real-anatomy AUROC 0.57, as low on its own training films).
+    """
+    images = list(images)
+    plain = {r.extra["film_id"]: r for r in images if r.image_id.endswith("-film")}
+    for r in images:
+        film = plain.get(r.extra["film_id"])
+        if film is None or film is r:
+            continue
+        known, truth = set(r.extra["labels_known"]), r.extra["labels_truth"]
+        for label in film.extra["labels_known"]:
+            if label not in known:
+                truth[label] = film.extra["labels_truth"][label]
+                r.labels[label] = truth[label]
+                known.add(label)
+        r.extra["labels_known"] = sorted(known)
 
 
 def _write_film_image(config: FilmPairsConfig, film: Film, split: str, image_id: str, anatomy: FilmAnatomy,
