@@ -570,11 +570,12 @@ def test_a_refused_upload_keeps_the_film_and_its_results(ws, session, tmp_path):
 
 
 def test_exports_carry_every_note_shown_beside_the_numbers(ws, session, monkeypatch):
-    """The bundled classifier and segmenter were trained on simulated films; the screen says so
-    beside the probabilities and ratios, and so must the figure, the DICOM and the JSON."""
+    """The bundled classifier and segmenter say what their numbers cannot be trusted for (the
+    CTR on a real film is approximate); the screen says so beside the probabilities and ratios,
+    and so must the figure, the DICOM and the JSON."""
     result = ws.edit(session, *edit_args())
     notes = list(result.analysis.notes)
-    assert any("trained on simulated radiographs" in n for n in notes)
+    assert any("CTR are approximate" in n for n in notes)
     figure = _figure_text(ws, session, monkeypatch)
     dicom = pydicom.dcmread(ws.export_dicom(session, False))
     record = json.loads(Path(ws.export_provenance(session)).read_text())
@@ -584,7 +585,7 @@ def test_exports_carry_every_note_shown_beside_the_numbers(ws, session, monkeypa
         assert flat in dicom.ImageComments, flat
         assert flat in record["notes"]
     description = dicom.DerivationDescription
-    assert "Notes: " in description and "trained on simulated radiographs" in description
+    assert "Notes: " in description and "CTR are approximate" in description
     assert len(dicom.DerivationDescription) <= 1024
 
 
