@@ -1,8 +1,8 @@
 """The bundled model on real radiographs: the figure in docs/MODEL_CARD.md ("Real radiographs").
 
-Edits pydicom-data's ``RG1_UNCR.dcm`` (a real CR chest, MONOCHROME1) and two Hannover COVID-19
-images (CC BY 3.0, read in place from ``../shared/data/hannover-covid19``; never copied into the
-repository) with an effusion and a device-removal instruction, and draws prior, counterfactual
+Edits pydicom-data's ``RG1_UNCR.dcm`` (a real CR chest, MONOCHROME1) and four Hannover COVID-19
+images of held-out patients (CC BY 3.0, read in place from ``../shared/data/hannover-covid19``; never copied into the
+repository) with effusion, cardiomegaly and device-removal instructions, and draws prior, counterfactual
 and signed delta per row::
 
     python docs/eval/real_radiographs.py --out docs/images/journey-mini_real_radiographs.png
@@ -18,9 +18,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 HANNOVER = ROOT.parent / "shared" / "data" / "hannover-covid19" / "png"
-CASES = (
+CASES = (  # the Hannover films are of held-out (test) patients: never trained on
     ("RG1_UNCR.dcm", "new large left pleural effusion"),
-    ("hannover:006f3a8a.png", "new large left pleural effusion"),
+    ("hannover:2168a917.png", "new large left pleural effusion"),
+    ("hannover:3b46de94.png", "new large right pleural effusion"),
+    ("hannover:f8335316.png", "new large cardiomegaly"),
     ("hannover:00870a9c.png", "without support devices"),
 )
 
