@@ -49,7 +49,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from engine.errors import InputError
-from engine.io import XRayMeta, _resize, atomic_write_bytes, check_intensity
+from engine.io import XRayMeta, atomic_write_bytes, check_intensity
+from engine.io.letterbox import _resize
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -136,7 +136,7 @@ def test_threads_share_one_engine(tiny_engine):
 
 
 def test_missing_default_model_says_how_to_pass_one(monkeypatch, tmp_path):
-    from engine import engine as engine_module
+    from engine import loading as engine_module
 
     monkeypatch.setattr(engine_module, "DEFAULT_MODEL", tmp_path / "journey-mini")
     with pytest.raises(engine.ModelFolderError, match="--model"):
@@ -181,7 +181,7 @@ def change_engine(tmp_path_factory):
 
 
 def test_change_model_keeps_the_prior_where_it_changes_nothing(change_engine, tiny_engine, monkeypatch):
-    import engine.engine as engine_module
+    import engine.instruct_path as engine_module
 
     monkeypatch.setattr(engine_module, "sample_instruct", lambda unet, scheduler, prior_latents, *a, **k: torch.zeros_like(prior_latents))
     request = EditRequest("no change", seed=1, steps=2)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import engine.export as export
-import engine.io as io_module
+import engine.io.writing as io_module
 from engine.errors import InputError
 from engine.export import (
     burn_synthetic_label,

@@ -154,12 +154,12 @@ def test_an_unknown_vr_in_the_window_falls_back_to_percentiles():
 
 
 def test_anything_a_corrupt_header_raises_becomes_an_input_error(monkeypatch):
-    import engine.io
+    import engine.io.dicom
 
     def lazy_conversion_fails(*args, **kwargs):
         raise NotImplementedError("Unknown Value Representation 'FS' in tag (0028,1050)")
 
-    monkeypatch.setattr(engine.io, "_grey_pipeline", lazy_conversion_fails)
+    monkeypatch.setattr(engine.io.dicom, "_grey_pipeline", lazy_conversion_fails)
     with pytest.raises(InputError, match=r"^'x\.dcm' could not be read as DICOM \(NotImplementedError: Unknown Value "
                                          r"Representation 'FS' .*\); the file may be truncated or corrupt$"):
         read_xray(make_dicom(RAMP), name="x.dcm")
