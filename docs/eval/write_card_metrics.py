@@ -5,8 +5,11 @@ copying them by hand is how a card drifts. Run after re-measuring::
 
     python docs/eval/write_card_metrics.py
 
-Reads: the 510-pair evaluation, the instruction probe, severity, device removal (instruct and
-invert) and the CPU speed benchmark (``benchmarks/bench_edit.py``); each entry keeps the command that produced it.
+Reads (v8): the 510-pair evaluation on simulated pairs, the evaluation on held-out real-anatomy
+pairs, the real-film report (where edits land on held-out patients' films), device removal on
+real anatomy and the CPU speed benchmark (``benchmarks/bench_edit.py``); each entry keeps the
+command that produced it. v7's probe, severity and simulated device reports were not re-run for v8
+and stay out of its card.
 """
 
 from __future__ import annotations
@@ -25,16 +28,30 @@ EVAL_COMMAND = (
 )
 
 
+REAL_EVAL = "docs/EVALUATION_real_journey-mini.json"
+REAL_EVAL_COMMAND = (
+    "python -m train evaluate --pairs data/real-test/pairs.jsonl --model assets/models/journey-mini "
+    "--out docs/EVALUATION_real_journey-mini.json --baselines identity,exact,latent-ceiling --race-age none --examples 6 "
+    "--quiet --device cpu  (data/real-test = python -m train simulate --on-films ../shared/data/hannover-covid19 "
+    "--out data/real-test --splits test --masks auto --segmenter assets/models/cxr-segmenter-mini --edits-per-film 3 "
+    "--seed 41 --device-free train/configs/hannover-device-free.txt)"
+)
+REAL_FILMS = "docs/eval/real_films_journey-mini.json"
+REAL_FILMS_COMMAND = ("python -m train evaluate-real --films ../shared/data/hannover-covid19 --split test "
+                      "--out docs/eval/real_films_journey-mini.json --sheet 6 --device cpu --quiet")
+DEVICES = "docs/eval/real_devices_removal.json"
+
+
 def _load(path: str) -> dict:
     return json.loads((ROOT / path).read_text())
 
 
-def evaluation() -> dict:
-    report = _load("docs/EVALUATION_journey-mini.json")
+def evaluation(path: str = "docs/EVALUATION_journey-mini.json", command: str = EVAL_COMMAND) -> dict:
+    report = _load(path)
     agg = report["aggregate"]
     model, identity, exact, ceiling = agg["model"], agg["identity"], agg["exact"], agg["latent-ceiling"]
     return {
-        "command": EVAL_COMMAND, "report": "docs/EVALUATION_journey-mini.json", "pairs": model["pairs"],
+        "command": command, "report": path, "pairs": model["pairs"],
         "evaluated_model_hash": report["model"]["model_hash"],
         "pathology_auroc_model": round(model["pathology_auroc"], 3),
         "pathology_auroc_exact": round(exact["pathology_auroc"], 3),
@@ -53,48 +70,26 @@ def evaluation() -> dict:
     }
 
 
-def probe() -> dict:
-    data = _load("docs/eval/probe_journey-mini.json")
-    sides = {r["instruction"]: round(r["asked_side_share"], 3) for r in data["rows"] if r.get("asked_side_share") is not None}
-    return {"command": "python benchmarks/probe_instructions.py --out docs/eval/probe_journey-mini.json",
-            "cases": data["cases"],
-            "positive": data["positive"], "asked_side_share": sides}
-
-
-def severity() -> dict:
-    data = _load("docs/eval/severity_journey-mini.json")
-    summary = data.get("summary", data)
-    return {"command": "python benchmarks/eval_severity.py --cases 30 --out docs/eval/severity_journey-mini.json",
-            "cases": summary["cases"], "fraction": round(summary["monotonic_fraction"], 3),
-            "size_fraction": round(summary["size_monotonic_fraction"], 3), "per_finding": summary["per_finding"],
-            "finding_size_fraction": round(summary["finding_size_monotonic_fraction"], 3),
-            "exact_finding_size_fraction": round(summary["exact_finding_size_monotonic_fraction"], 3),
-            "per_finding_finding_size": summary["per_finding_finding_size"],
-            "finding_size_means": summary["finding_size_means"],
-            "exact_finding_size_means": summary["exact_finding_size_means"]}
+def real_films() -> dict:
+    data = _load(REAL_FILMS)
+    out = {"command": REAL_FILMS_COMMAND, "report": REAL_FILMS, "films": data["films"], "views": data["views"],
+           "evaluated_model_hash": data["model_hash"]}
+    for key, agg in data["aggregate"].items():
+        out[key.replace(" ", "_")] = {k: round(v, 4) if isinstance(v, float) else v for k, v in agg.items()}
+    return out
 
 
 def devices() -> dict:
-    data = _load("docs/eval/invert_devices.json")
-    out = {"command": data["command"]}
-    for system, s in data["summary"].items():
-        key = system.replace("/", "_").replace("-", "_")
-        out[f"removed_{key}"] = round(s["devices_removed_fraction"], 3)
-        out[f"p_devices_{key}"] = s["p_devices_edit"]
-        out[f"psnr_truth_{key}_db"] = s["psnr_truth"]
-    first = next(iter(data["summary"].values()))
-    out["p_devices_input"] = first["p_devices_input"]
-    out["psnr_input_truth_db"] = first["psnr_input_truth"]
-    if first.get("p_devices_oracle") is not None:
-        out["p_devices_exact_change"] = first["p_devices_oracle"]
-    return out
+    data = _load(DEVICES)
+    return {"command": data["command"], "report": DEVICES, **data["summary"]}
 
 
 def main() -> int:
     card_path = MODEL / "card.json"
     card = json.loads(card_path.read_text())
-    metrics = {"evaluation_510_pairs": evaluation(), "instruction_probe": probe(), "severity_monotonic": severity(),
-               "device_removal_6_cases": devices()}
+    metrics = {"evaluation_510_simulated_pairs": evaluation(),
+               "evaluation_real_anatomy_pairs": evaluation(REAL_EVAL, REAL_EVAL_COMMAND),
+               "real_films_where_edits_land": real_films(), "device_removal_real_anatomy": devices()}
     bench = _load("docs/eval/bench_edit_journey-mini.json")
     metrics["speed_cpu_2_cores_s"] = {
         "command": "python benchmarks/bench_edit.py --repeats 5 --out docs/eval/bench_edit_journey-mini.json",
