@@ -212,6 +212,13 @@ class ModelCard:
         metrics: measured quality, each entry naming the command that produced it.
         description: free text for the model card page.
         extra: anything else worth keeping (training steps, hardware, commands).
+        change_gate: a ``change`` model's noise floor ``(low, high)``: per latent position, the
+            largest ``|change|`` over the channels (latent units, ``change_scaling`` divided out)
+            of a *sampled* change counts as no change below ``low`` and fully above ``high``
+            (smoothstep between, grown by one latent pixel): :func:`engine.instruct.gate_change`.
+            A small UNet's sampled change is never exactly zero where nothing should change
+            (journey-mini v8: about 0.3 everywhere for "no interval change", against 2-4 in an
+            effusion), and decoded it moves the whole film a little. None: decoded as sampled.
         fast_sampler: an instruct model's distilled student in ``unet_fast/``
             (:class:`FastSampler`'s fields), or None.
         format_version: version of this folder format.
@@ -238,6 +245,7 @@ class ModelCard:
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     fast_sampler: dict[str, Any] | None = None
+    change_gate: tuple[float, float] | None = None
     format_version: int = FORMAT_VERSION
     vocabulary: dict[str, list[str]] = field(default_factory=dict)
 
@@ -250,6 +258,10 @@ class ModelCard:
             del data["vocabulary"]
         if self.fast_sampler is None:
             del data["fast_sampler"]  # cards without a student read as they always did
+        if self.change_gate is None:
+            del data["change_gate"]
+        else:
+            data["change_gate"] = list(self.change_gate)
         return data
 
     @classmethod
@@ -277,6 +289,11 @@ class ModelCard:
         )
         kwargs["value_range"] = tuple(float(v) for v in data.get("value_range", (-1.0, 1.0)))
         kwargs["training_data"] = tuple(data.get("training_data", ()))
+        if data.get("change_gate") is not None:
+            gate = data["change_gate"]
+            if not isinstance(gate, (list, tuple)) or len(gate) != 2:
+                raise ModelFolderError(f"{where}: change_gate must be [low, high]")
+            kwargs["change_gate"] = (float(gate[0]), float(gate[1]))
         card = cls(**kwargs)
         card.validate(where=where)
         return card
@@ -314,6 +331,8 @@ class ModelCard:
             )
         if not self.change_scaling > 0:
             raise ModelFolderError(f"{where}: change_scaling must be positive")
+        if self.change_gate is not None and not (self.diffuses_change and 0 <= self.change_gate[0] < self.change_gate[1]):
+            raise ModelFolderError(f"{where}: change_gate is [low, high] with 0 <= low < high, for change models only")
         if self.position_channels not in (0, 1, 2) or (self.position_channels and self.method != "instruct"):
             raise ModelFolderError(
                 f"{where}: position_channels must be 0, 1 or 2 (instruct models only), not {self.position_channels!r}"

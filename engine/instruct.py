@@ -226,3 +226,25 @@ def _per_item(scale: torch.Tensor | float, batch: int, device: torch.device, dty
     if value.numel() != batch:
         raise ValueError(f"need one guidance scale or one per item, got {value.numel()} for {batch}")
     return value.reshape(batch, 1, 1, 1)
+
+
+def gate_change(change: torch.Tensor, gate: tuple[float, float], change_factor: float = 1.0) -> torch.Tensor:
+    """A sampled change with its noise floor removed (:attr:`ModelCard.change_gate`).
+
+    Per latent position the largest ``|change|`` over the channels (divided by ``change_factor``)
+    sets a weight: 0 below ``gate[0]``, 1 above ``gate[1]``, smoothstep between; the weight is
+    grown by one latent pixel (a finding's rim is weaker than its core) and multiplies every
+    channel. Where the model meant no change the change becomes exactly zero, so the prior's own
+    pixels come back there.
+
+    Args:
+        change: ``(B, C, h, w)`` the change as the UNet diffuses it.
+        gate: ``(low, high)`` in latent units.
+        change_factor: the card's :attr:`ModelCard.change_factor`.
+    """
+    low, high = gate
+    strength = (change.float() / change_factor).abs().amax(dim=1, keepdim=True)
+    weight = ((strength - low) / (high - low)).clamp(0.0, 1.0)
+    weight = weight * weight * (3.0 - 2.0 * weight)
+    weight = torch.nn.functional.max_pool2d(weight, kernel_size=3, stride=1, padding=1)
+    return change * weight.to(change.dtype)

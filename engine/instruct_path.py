@@ -19,7 +19,7 @@ import torch
 
 from engine.errors import InputError
 from engine.fast import fast_timesteps, sample_fast
-from engine.instruct import make_scheduler, null_image_latents, sample_instruct
+from engine.instruct import gate_change, make_scheduler, null_image_latents, sample_instruct
 from engine.io import XRay
 from engine.records import Counterfactual, EditRequest
 from engine.regions import Regions, composite, latent_mask
@@ -239,6 +239,8 @@ class InstructPath:
             canvases = torch.from_numpy(np.stack(priors))[:, None]
             reconstructed = self._prior_decodes(entries)
             thresholds = torch.tensor([np.nan if r.detail_threshold is None else r.detail_threshold for r in batch])
+            if self.card.change_gate is not None:
+                latents = gate_change(latents, self.card.change_gate, self.card.change_factor)
             images = self.decode_change(canvases, prior_latents, latents, reconstructed,
                                         thresholds)[:, 0].cpu().numpy()
         else:

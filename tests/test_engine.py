@@ -276,6 +276,43 @@ def test_change_scaling_divides_the_sampled_change(change_engine, monkeypatch):
         ModelCard.from_dict({**change_engine.card.to_dict(), "change_scaling": 0})
 
 
+def test_change_gate_returns_the_prior_where_the_sampled_change_is_only_its_noise_floor(change_engine, monkeypatch):
+    """A card's change_gate zeroes a sampled change below its noise floor (the prior's own pixels
+    come back there) and keeps a strong change, with its rim; without a gate both are decoded."""
+    from dataclasses import replace
+
+    import engine.instruct_path as engine_module
+    from engine.checkpoint import ModelCard
+    from engine.errors import ModelFolderError
+    from engine.instruct import gate_change
+
+    strong = {"on": False}
+
+    def sampled(unet, scheduler, prior_latents, *a, **k):
+        change = torch.full_like(prior_latents, 0.3)  # the floor everywhere ...
+        if strong["on"]:
+            change[..., 2:4, 2:4] = 3.0  # ... and one strong change
+        return change
+
+    monkeypatch.setattr(engine_module, "sample_instruct", sampled)
+    request = EditRequest("no interval change", seed=1, steps=2)
+    ungated = change_engine.counterfactual(_prior(64, 64), request)
+    assert np.abs(ungated.image - ungated.prior).mean() > 1e-3
+    monkeypatch.setattr(change_engine, "card", replace(change_engine.card, change_gate=(0.6, 1.0)))
+    gated = change_engine.counterfactual(_prior(64, 64), request)
+    np.testing.assert_allclose(gated.image, gated.prior, atol=1e-6)  # the floor alone: the prior itself
+    strong["on"] = True
+    edited = change_engine.counterfactual(_prior(64, 64), request)
+    assert np.abs(edited.image - edited.prior).mean() > 1e-3  # a strong change is kept
+    kept = gate_change(sampled(None, None, torch.zeros(1, 4, 8, 8)), (0.6, 1.0))
+    assert kept[..., 1:5, 1:5].abs().min() > 0 and kept[..., 6:, 6:].abs().max() == 0  # its rim too, nothing far
+    weight = gate_change(torch.ones(1, 2, 5, 5), (0.5, 2.0)) / torch.ones(1, 2, 5, 5)
+    assert 0 < float(weight.max()) < 1  # smooth between low and high
+    assert ModelCard.from_dict(change_engine.card.to_dict()).change_gate == (0.6, 1.0)
+    with pytest.raises(ModelFolderError, match="change_gate"):
+        ModelCard.from_dict({**change_engine.card.to_dict(), "change_gate": [1.0, 0.5]})
+
+
 def test_change_model_journey_decodes_the_shared_prior_once(change_engine, monkeypatch):
     calls = []
     decode = change_engine.decode

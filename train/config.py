@@ -93,6 +93,10 @@ class TrainConfig:
             card). A change is zero almost everywhere and small where it is not, so at the
             latents' scale the noise swamps it until the last steps; scale its busy values to
             about unit variance (journey-mini: std 0.18, so 5).
+        change_gate: ``change`` target only: ``[low, high]``, the noise floor of the trained
+            model's sampled changes, written into the card (:attr:`engine.checkpoint.ModelCard.change_gate`);
+            measured after training (journey-mini v8: "no interval change" samples about 0.3
+            per latent position, effusions 2-4, so [0.6, 1.0]). None: every change decoded.
         position_channels: stages 1/2: fixed coordinate maps appended after the prior latent
             (0 none, 1 x, 2 x and y; :func:`engine.instruct.append_position`), written into the
             card. Without them the UNet cannot tell left from right on a nearly symmetric
@@ -178,6 +182,7 @@ class TrainConfig:
     latent_sample: bool = True
     instruct_target: str = "latent"
     change_scaling: float = 1.0
+    change_gate: list[float] | None = None
     position_channels: int = 0
     prediction_type: str | None = None
     seed: int = 0
@@ -217,6 +222,8 @@ class TrainConfig:
         need(self.instruct_target in INSTRUCT_TARGETS,
              f"instruct_target must be one of {', '.join(INSTRUCT_TARGETS)}, not {self.instruct_target!r}")
         need(self.change_scaling > 0, "change_scaling must be positive")
+        need(self.change_gate is None or (len(self.change_gate) == 2 and 0 <= self.change_gate[0] < self.change_gate[1]),
+             "change_gate must be [low, high] with 0 <= low < high")
         need(self.position_channels in (0, 1, 2), f"position_channels must be 0, 1 or 2, not {self.position_channels!r}")
         need(not self.position_channels or self.stage in ("stage1", "stage2"),
              "position_channels needs an instruct stage (stage1 or stage2)")

@@ -213,6 +213,8 @@ def export_run(
         instruct_target=cfg.instruct_target if models.method == "instruct" else "latent",
         change_scaling=cfg.change_scaling if models.method == "instruct" and cfg.instruct_target == "change" else 1.0,
         position_channels=cfg.position_channels if models.method == "instruct" else 0,
+        change_gate=(tuple(cfg.change_gate) if cfg.change_gate and models.method == "instruct"
+                     and cfg.instruct_target == "change" else None),
         value_range=tuple(models.value_range),
         intended_use=RESEARCH_USE,
         training_data=tuple({json.dumps(entry, sort_keys=True): entry for manifest in cfg.manifests
