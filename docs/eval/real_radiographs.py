@@ -6,6 +6,7 @@ repository) with effusion, cardiomegaly and device-removal instructions, and dra
 and signed delta per row::
 
     python docs/eval/real_radiographs.py --out docs/images/journey-mini_real_radiographs.png
+    python docs/eval/real_radiographs.py --devices --out docs/images/journey-mini_real_devices.png
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ CASES = (  # the Hannover films are of held-out (test) patients: never trained o
     ("hannover:f8335316.png", "new large cardiomegaly"),
     ("hannover:00870a9c.png", "without support devices"),
 )
+DEVICE_CASES = tuple((f"hannover:{film}.png", "without support devices")  # held-out films with real lines and leads
+                     for film in ("00870a9c", "6b5af975", "c4a0e11a", "33ad0dcb", "26e8db49", "d2af569b"))
 
 
 def _path(name: str) -> Path:
@@ -40,6 +43,8 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     parser.add_argument("--out", required=True, help="PNG to write")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--devices", action="store_true",
+                        help="the device-removal sheet instead: 'without support devices' on six held-out films with real devices")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
@@ -50,7 +55,7 @@ def main() -> int:
 
     eng = engine.load(args.model, device=args.device)
     rows = []
-    for name, instruction in CASES:
+    for name, instruction in (DEVICE_CASES if args.devices else CASES):
         path = _path(name)
         if not path.is_file():
             print(f"skipping {name}: {path} not found", file=sys.stderr)
