@@ -5,7 +5,7 @@ copying them by hand is how a card drifts. Run after re-measuring::
 
     python docs/eval/write_card_metrics.py
 
-Reads (v8): the 510-pair evaluation on simulated pairs, the evaluation on held-out real-anatomy
+Reads (v8): the evaluation on the first 150 simulated pairs of seed 7, the evaluation on held-out real-anatomy
 pairs, the real-film report (where edits land on held-out patients' films), device removal on
 real anatomy and the CPU speed benchmark (``benchmarks/bench_edit.py``); each entry keeps the
 command that produced it. v7's probe, severity and simulated device reports were not re-run for v8
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "assets" / "models" / "journey-mini"
 EVAL_COMMAND = (
-    "python -m train evaluate --pairs data/sim-eval500/pairs.jsonl --model assets/models/journey-mini "
+    "python -m train evaluate --pairs data/sim-eval500/pairs.jsonl --limit 150 --model assets/models/journey-mini "
     "--out docs/EVALUATION_journey-mini.json --baselines identity,exact,latent-ceiling --classifier auto --segmenter auto "
     "--race-age none --examples 6 --quiet --device cpu  (data/sim-eval500 = python -m train simulate "
     "--out data/sim-eval500 --patients 170 --visits 4 --seed 7)"
@@ -87,7 +87,7 @@ def devices() -> dict:
 def main() -> int:
     card_path = MODEL / "card.json"
     card = json.loads(card_path.read_text())
-    metrics = {"evaluation_510_simulated_pairs": evaluation(),
+    metrics = {"evaluation_simulated_pairs": evaluation(),
                "evaluation_real_anatomy_pairs": evaluation(REAL_EVAL, REAL_EVAL_COMMAND),
                "real_films_where_edits_land": real_films(), "device_removal_real_anatomy": devices()}
     bench = _load("docs/eval/bench_edit_journey-mini.json")
