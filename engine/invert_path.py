@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from engine.errors import InputError
+from engine.instruct import gate_change
 from engine.io import XRay
 from engine.records import AttentionMaps, InvertEdit, InvertRequest
 from engine.regions import Regions, composite, latent_mask
@@ -140,6 +141,8 @@ class InvertPath:
             t4 = time.perf_counter()
             if self.card.diffuses_change:  # the input plus the decoded change, as in decode_change
                 canvases = torch.from_numpy(np.stack([canvas, canvas]))[:, None]
+                if self.card.change_gate is not None:  # the same noise floor as the instruct path's samples
+                    latents = gate_change(latents, self.card.change_gate, self.card.change_factor)
                 images = self.decode_change(canvases, torch.cat([condition] * 2), latents,
                                             self._prior_decodes([entry, entry]), request.detail_threshold)
             else:
