@@ -148,3 +148,33 @@ def test_export_puts_the_student_beside_its_teacher(tmp_path, teacher, sim_data,
         data[-1] ^= 1
         shard.write_bytes(bytes(data))
         engine.load(in_place, device="cpu", dtype="fp32")
+
+
+def test_priors_the_teacher_already_encoded_are_reused_not_encoded_again(tmp_path, teacher, sim_data):
+    """A distill run that shares its teacher's cache_dir takes the prior latents from the fit
+    stage's latent cache (the posterior's mode, its first half) instead of running the VAE again."""
+    from train.data import TensorStore, load_canvas, load_config_items
+    from train.distill import draws, prior_key
+    from train.fit import encode_posterior, latent_key
+    from train.models import build_models
+
+    cfg = _cfg(tmp_path, teacher, sim_data, "reuse", steps=1, ckpt_every=1)
+    models = build_models(cfg)
+    paths = sorted({d.prior for d in draws(cfg, load_config_items(cfg))})
+    reused = paths[:-1]  # one prior is left for the VAE
+    fit_store = TensorStore(cfg.cache_path / "latents")
+    marked = {}
+    for p in reused:
+        params = encode_posterior(models.vae, load_canvas(p, cfg.resolution)[None], models.value_range)[0]
+        mode, rest = params.chunk(2, dim=0)
+        marked[p] = mode + 0.25  # not what the VAE gives: only a reuse puts it into the priors
+        fit_store.write(iter([(latent_key(models.vae_id, p, cfg.resolution), {"params": torch.cat([marked[p], rest])})]))
+    fit(cfg)
+    priors = TensorStore(cfg.cache_path / "priors")
+    assert len(priors) == len(paths)
+    for p in reused:
+        torch.testing.assert_close(priors.get(prior_key(models.vae_id, p, cfg.resolution))["latent"], marked[p])
+    last = paths[-1]
+    fresh = encode_posterior(models.vae, load_canvas(last, cfg.resolution)[None], models.value_range)[0].chunk(2, dim=0)[0]
+    torch.testing.assert_close(priors.get(prior_key(models.vae_id, last, cfg.resolution))["latent"], fresh,
+                               atol=1e-4, rtol=1e-4)

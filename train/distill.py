@@ -134,6 +134,24 @@ def prior_key(vae_id: str, path: str, resolution: int) -> str:
     return content_key("prior", vae_id, path, os.path.getmtime(path), resolution)
 
 
+def _reuse_fit_latents(cfg: TrainConfig, vae_id: str, paths: list[str], priors: TensorStore) -> list[str]:
+    """Copies into ``priors`` the latents of ``paths`` that the teacher's own run already encoded
+    (``<cache_dir>/latents``, the fit stage's store, when the distill config shares the teacher's
+    ``cache_dir``): the same autoencoder, file and resolution give the same posterior, whose mode is
+    its first half. Returns the paths still to encode."""
+    from train.fit import latent_key
+
+    fit = TensorStore(cfg.cache_path / "latents")
+    found = [p for p in paths if latent_key(vae_id, p, cfg.resolution) in fit]
+    if found:
+        log.info("reusing %d prior latents from the teacher's latent cache %s", len(found), fit.folder)
+        priors.write((prior_key(vae_id, p, cfg.resolution),
+                      {"latent": fit.get(latent_key(vae_id, p, cfg.resolution))["params"].chunk(2, dim=0)[0].clone()})
+                     for p in found)
+    done = set(found)
+    return [p for p in paths if p not in done]
+
+
 @torch.no_grad()
 def build_teacher_results(cfg: TrainConfig, models: Any, all_draws: list[Draw], texts: Any, teacher: str,
                           device: torch.device) -> TensorStore:
@@ -148,6 +166,7 @@ def build_teacher_results(cfg: TrainConfig, models: Any, all_draws: list[Draw], 
 
     priors = TensorStore(cfg.cache_path / "priors")
     paths = sorted({d.prior for d in all_draws if prior_key(models.vae_id, d.prior, cfg.resolution) not in priors})
+    paths = _reuse_fit_latents(cfg, models.vae_id, paths, priors)
     if paths:
         log.info("caching prior latents of %d images in %s", len(paths), priors.folder)
         vae = models.vae.to(device)
@@ -161,7 +180,7 @@ def build_teacher_results(cfg: TrainConfig, models: Any, all_draws: list[Draw], 
                     yield prior_key(models.vae_id, p, cfg.resolution), {"latent": mode}
 
         priors.write(encoded())
-        priors = TensorStore(priors.folder)
+    priors = TensorStore(priors.folder)
 
     store = TensorStore(cfg.cache_path / "distill")
     todo = [d for d in all_draws if draw_key(teacher, cfg, d) not in store]

@@ -493,6 +493,12 @@ def resume_checkpoint(out_dir: Path, resume: str | os.PathLike[str] | None = Non
 # -- caches --------------------------------------------------------------------------------
 
 @torch.no_grad()
+def latent_key(vae_id: str, path: str, resolution: int, flip: int = 0) -> str:
+    """The latent cache's key of one image: the autoencoder, the file (path and mtime), the
+    resolution and whether it is flipped."""
+    return content_key("latent", vae_id, path, os.path.getmtime(path), resolution, flip)
+
+
 def encode_posterior(vae, images: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
     """``(B, 1, S, S)`` [0, 1] images to posterior parameters ``(B, 2C, h, w)`` (mean, logvar)."""
     dist = vae.encode(to_vae_channels(vae, to_model_range(images, value_range))).latent_dist
@@ -510,8 +516,7 @@ def build_latent_cache(cfg: TrainConfig, models: Models, items, device: torch.de
     store = TensorStore(folder)
     paths = sorted({p for item in items for p in (item.image, item.prior) if p is not None})
     flips = (0, 1) if cfg.hflip > 0 else (0, 0)
-    keys = {p: tuple(content_key("latent", models.vae_id, p, os.path.getmtime(p), cfg.resolution, f)
-                     for f in flips) for p in paths}
+    keys = {p: tuple(latent_key(models.vae_id, p, cfg.resolution, f) for f in flips) for p in paths}
     todo = [p for p in paths if keys[p][0] not in store or keys[p][1] not in store]
     if todo:
         log.info("caching VAE latents of %d images in %s", len(todo), folder)
