@@ -133,6 +133,10 @@ def test_cardiothoracic_ratio_of_drawn_masks_and_of_the_simulator(cardiomegaly_p
     heart = np.zeros_like(lungs)
     heart[30:50, 40:70] = True  # 30 columns
     assert seg.cardiothoracic_ratio({"right_lung": lungs, "left_lung": left, "heart": heart}) == 0.5
+    # A thin strip along the dome (what real-film segmentations add) is not the cardiac border.
+    strip = heart.copy()
+    strip[48:50, 22:80] = True
+    assert seg.cardiothoracic_ratio({"right_lung": lungs, "left_lung": left, "heart": strip}) == 0.5
     assert np.isnan(seg.cardiothoracic_ratio({"right_lung": lungs, "left_lung": left, "heart": np.zeros_like(heart)}))
     with pytest.raises(InputError, match="heart"):
         seg.cardiothoracic_ratio({"right_lung": lungs, "left_lung": left})
