@@ -225,6 +225,32 @@ class _PositionedUNet:
         return self._unet(append_position(sample, self._channels), *args, **kwargs)
 
 
+class _RangedVAE:
+    """An autoencoder on another value range (TAEF2's [0, 1]) as diffusers' pipeline calls it.
+
+    The pipeline normalises its image to [-1, 1] before ``encode`` and maps ``decode``'s output
+    back from [-1, 1]; this view converts at both edges (two element-wise ops on the image, which
+    the engine's own path also pays in ``to_model_range`` / ``from_model_range``).
+    """
+
+    def __init__(self, vae: Any, value_range: tuple[float, float]) -> None:
+        self._vae = vae
+        self._lo, self._hi = float(value_range[0]), float(value_range[1])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._vae, name)
+
+    def encode(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._vae.encode(self._lo + (self._hi - self._lo) * (x + 1) / 2, *args, **kwargs)
+
+    def decode(self, z: Any, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        sample = self._vae.decode(z, *args, **kwargs).sample
+        sample = (sample - self._lo) / (self._hi - self._lo) * 2 - 1
+        return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+
 def instruct_pipeline(eng: Any) -> Any:
     """diffusers' ``StableDiffusionInstructPix2PixPipeline`` on the engine's own modules.
 
@@ -237,8 +263,10 @@ def instruct_pipeline(eng: Any) -> Any:
     from engine.instruct import make_scheduler
 
     unet = eng.unet if not eng.card.position_channels else _PositionedUNet(eng.unet, eng.card.position_channels)
+    lo, hi = eng.card.value_range
+    vae = eng.vae if (lo, hi) == (-1.0, 1.0) else _RangedVAE(eng.vae, (lo, hi))
     pipe = StableDiffusionInstructPix2PixPipeline(
-        vae=eng.vae, text_encoder=None, tokenizer=None, unet=unet,
+        vae=vae, text_encoder=None, tokenizer=None, unet=unet,
         scheduler=make_scheduler("ddim", eng.parts.scheduler_config), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )
@@ -265,9 +293,6 @@ def diffusers_instruct(pipe: Any, eng: Any, canvas: Any, requests: Sequence[Any]
     with eng._lock:  # noqa: SLF001 - the engine's text path, as _generate uses it
         text, _ = eng._embed([r.applied_instruction for r in requests])  # noqa: SLF001
         null, _ = eng._embed([""])  # noqa: SLF001
-    lo, hi = eng.card.value_range
-    if (lo, hi) != (-1.0, 1.0):
-        raise InputError(f"the diffusers pipeline assumes a [-1, 1] VAE; this model's range is {(lo, hi)}")
     image = to_vae_channels(eng.vae, torch.from_numpy(canvas)[None, None]).to(eng.device, eng.dtype)
     first = requests[0]
     with warnings.catch_warnings():  # one image for a batch of prompts: diffusers warns, and repeats its latent

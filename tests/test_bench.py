@@ -153,6 +153,24 @@ def test_diffusers_pipeline_runs_a_model_with_coordinate_maps(tmp_path) -> None:
     assert theirs.shape == (2, 64, 64) and np.isfinite(theirs).all()
 
 
+def test_diffusers_pipeline_runs_a_model_on_a_zero_to_one_autoencoder(tmp_path) -> None:
+    """v8's TAEF2 works on [0, 1]; the pipeline normalises to [-1, 1]: the view converts at both
+    edges, so the pipeline's encode/decode round trip is the autoencoder's own, in its range."""
+    import torch
+    from conftest import build_tiny_model
+
+    eng = engine.load(build_tiny_model(tmp_path / "taef", autoencoder="tiny", position_channels=2),
+                      device="cpu", dtype="fp32")
+    assert tuple(eng.card.value_range) == (0.0, 1.0)
+    pipe = bench.instruct_pipeline(eng)
+    x01 = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    own = eng.vae.decode(eng.vae.encode(x01).latent_dist.mode()).sample
+    theirs = pipe.vae.decode(pipe.vae.encode(x01 * 2 - 1).latent_dist.mode(), return_dict=False)[0]
+    torch.testing.assert_close((theirs + 1) / 2, own)
+    images = bench.diffusers_instruct(pipe, eng, bench.sample_radiograph(64), _requests(steps=2))
+    assert images.shape == (2, 64, 64) and np.isfinite(images).all()
+
+
 def test_instruct_difference_is_detected(clip_engine) -> None:
     """The tolerance is tight enough to see a one-step change of the schedule."""
     canvas = bench.sample_radiograph(64)
