@@ -25,6 +25,7 @@ that says exactly what to download and where to put it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -784,12 +785,23 @@ def _load_fast_part(root: Path, card: ModelCard, unet_config: dict[str, Any], to
     return module.requires_grad_(False).eval()
 
 
+def fp16_exact(module: Any) -> bool:
+    """Whether every floating weight of ``module`` is float32 holding a value float16 represents
+    exactly (weights converted from a half-precision release, as TAEF2's are)."""
+    tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
+    return bool(tensors) and all(t.dtype == torch.float32 and torch.equal(t, t.half().float()) for t in tensors)
+
+
 def _save_network(module: Any, folder: Path) -> None:
     """``save_pretrained`` in shards, without the local path diffusers records on load.
 
     Dropping ``_name_or_path`` keeps the bytes (and so the content hash) of a saved model
-    independent of where it was loaded from.
+    independent of where it was loaded from. A network whose float32 weights are all exactly
+    float16 values (:func:`fp16_exact`) is stored in float16: half the bytes, the same numbers
+    once loaded (every load passes its ``torch_dtype``).
     """
+    if fp16_exact(module):
+        module = copy.deepcopy(module).half()
     module.save_pretrained(folder, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())

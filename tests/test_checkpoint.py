@@ -205,3 +205,33 @@ def test_saved_folder_has_ordinary_permissions(tiny_model: Path):
     for path in [tiny_model, *tiny_model.rglob("*")]:
         expected = (0o777 if path.is_dir() else 0o666) & ~umask
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
+def test_weights_that_are_half_precision_values_are_stored_in_half_and_load_identically(tiny_model: Path,
+                                                                                         tmp_path: Path):
+    """An autoencoder converted from a float16 release (TAEF2) is stored in float16: half the
+    bytes, the same numbers once loaded. A network trained in float32 stays float32."""
+    from safetensors import safe_open
+
+    parts = load_model_parts(tiny_model)
+    with torch.no_grad():
+        for p in parts.vae.parameters():
+            p.copy_(p.half().float())  # what a converted half-precision release holds
+    out = save_model(
+        tmp_path / "half", card=parts.card, vae=parts.vae, unet=parts.unet,
+        scheduler=__import__("diffusers").DDIMScheduler.from_config(parts.scheduler_config),
+        text_projection=parts.text_projection, text_encoder_folder=tiny_model / "text_encoder",
+    )
+
+    def stored(part: str) -> set:
+        dtypes = set()
+        for f in (out / part).glob("*.safetensors"):
+            with safe_open(str(f), "pt") as fh:
+                dtypes |= {fh.get_tensor(k).dtype for k in fh.keys()}
+        return dtypes
+
+    assert stored("vae") == {torch.float16}
+    assert stored("unet") == {torch.float32}
+    again = load_model_parts(out)
+    for a, b in zip(parts.vae.state_dict().values(), again.vae.state_dict().values()):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
