@@ -46,6 +46,8 @@ def main() -> int:
     parser.add_argument("--devices", action="store_true",
                         help="the device-removal sheet instead: 'without support devices' on six held-out films with real devices")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sampler", default="auto", choices=("auto", "fast", "full"),
+                        help="the model's sampler (default: what the app runs, the fast one where the folder has it)")
     args = parser.parse_args()
 
     import engine
@@ -60,7 +62,7 @@ def main() -> int:
         if not path.is_file():
             print(f"skipping {name}: {path} not found", file=sys.stderr)
             continue
-        cf = eng.counterfactual(read_xray(path), instruction, seed=args.seed)
+        cf = eng.counterfactual(read_xray(path), instruction, seed=args.seed, sampler=args.sampler)
         delta = cf.image - cf.prior
         row = ExampleRow(label=f"{path.name}: {instruction}", base=cf.prior)
         row.images = {"Prior": cf.prior, "Counterfactual (synthetic)": cf.image}

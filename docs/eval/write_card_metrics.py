@@ -23,7 +23,7 @@ MODEL = ROOT / "assets" / "models" / "journey-mini"
 EVAL_COMMAND = (
     "python -m train evaluate --pairs data/sim-eval500/pairs.jsonl --limit 150 --model assets/models/journey-mini "
     "--out docs/EVALUATION_journey-mini.json --baselines identity,exact,latent-ceiling --classifier auto --segmenter auto "
-    "--race-age none --examples 6 --quiet --device cpu  (data/sim-eval500 = python -m train simulate "
+    "--race-age none --examples 6 --quiet --device cpu --sampler full  (data/sim-eval500 = python -m train simulate "
     "--out data/sim-eval500 --patients 170 --visits 4 --seed 7)"
 )
 
@@ -32,13 +32,13 @@ REAL_EVAL = "docs/EVALUATION_real_journey-mini.json"
 REAL_EVAL_COMMAND = (
     "python -m train evaluate --pairs data/real-test/pairs.jsonl --model assets/models/journey-mini "
     "--out docs/EVALUATION_real_journey-mini.json --baselines identity,exact,latent-ceiling --race-age none --examples 6 "
-    "--quiet --device cpu  (data/real-test = python -m train simulate --on-films ../shared/data/hannover-covid19 "
+    "--quiet --device cpu --sampler full  (data/real-test = python -m train simulate --on-films ../shared/data/hannover-covid19 "
     "--out data/real-test --splits test --masks auto --segmenter assets/models/cxr-segmenter-mini --edits-per-film 3 "
     "--seed 41 --device-free train/configs/hannover-device-free.txt)"
 )
 REAL_FILMS = "docs/eval/real_films_journey-mini.json"
 REAL_FILMS_COMMAND = ("python -m train evaluate-real --films ../shared/data/hannover-covid19 --split test "
-                      "--out docs/eval/real_films_journey-mini.json --sheet 6 --device cpu --quiet")
+                      "--out docs/eval/real_films_journey-mini.json --sheet 6 --device cpu --quiet --sampler full")
 DEVICES = "docs/eval/real_devices_removal.json"
 
 
