@@ -352,3 +352,14 @@ def test_fine_tuning_from_a_model_folder_trains_the_whole_unet(tmp_path, sim_dat
     assert not torch.equal(proj_only.projection.weight, base_projection)
     with pytest.raises(InputError, match="nothing to train"):
         load_config(TINY, ["--train_unet=false", "--train_projection=false"])
+
+
+def test_encoding_for_the_caches_builds_no_graph(tiny_model: Path) -> None:
+    """The latent caches encode with the autoencoder under no_grad: a trainable VAE's weights must
+    not collect a graph (memory) for every cached image."""
+    from engine.checkpoint import load_model_parts
+    from train.fit import encode_posterior
+
+    vae = load_model_parts(tiny_model).vae.requires_grad_(True)
+    params = encode_posterior(vae, torch.rand(2, 1, 64, 64), (-1.0, 1.0))
+    assert params.shape[0] == 2 and not params.requires_grad

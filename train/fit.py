@@ -492,13 +492,13 @@ def resume_checkpoint(out_dir: Path, resume: str | os.PathLike[str] | None = Non
 
 # -- caches --------------------------------------------------------------------------------
 
-@torch.no_grad()
 def latent_key(vae_id: str, path: str, resolution: int, flip: int = 0) -> str:
     """The latent cache's key of one image: the autoencoder, the file (path and mtime), the
     resolution and whether it is flipped."""
     return content_key("latent", vae_id, path, os.path.getmtime(path), resolution, flip)
 
 
+@torch.no_grad()
 def encode_posterior(vae, images: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
     """``(B, 1, S, S)`` [0, 1] images to posterior parameters ``(B, 2C, h, w)`` (mean, logvar)."""
     dist = vae.encode(to_vae_channels(vae, to_model_range(images, value_range))).latent_dist
