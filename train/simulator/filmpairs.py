@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import multiprocessing
 import re
 import time
@@ -52,6 +53,8 @@ from .params import DEVICE_KINDS, Findings, Severity, Visit
 from .render import chexpert_labels
 from .text import describe_progression
 from .writer import _quantise, _write_bytes, _write_png
+
+log = logging.getLogger(__name__)
 
 FILM_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 PATHOLOGY_LABELS = {"atelectasis": "Atelectasis", "cardiomegaly": "Cardiomegaly", "consolidation": "Consolidation",
@@ -224,7 +227,11 @@ def sample_film_edits(rng: np.random.Generator, text_rng: np.random.Generator, *
 
 
 class MaskSource:
-    """Lung masks for films: V7's, a folder's, or a segmenter's."""
+    """Lung masks for films: V7's, a folder's, or a segmenter's.
+
+    A V7 mask that does not fit its film (:func:`train.sources.v7masks.on_blank_border` above
+    :data:`~train.sources.v7masks.MAX_ON_BORDER`) is not used: ``v7`` then has no mask for the
+    film, ``auto`` takes the segmenter's."""
 
     def __init__(self, spec: str, segmenter: str = "auto") -> None:
         self.spec = spec
@@ -241,7 +248,14 @@ class MaskSource:
     def lungs(self, film: Film, pixels: np.ndarray) -> tuple[np.ndarray | None, str]:
         """Both lungs as a bool mask in the film's geometry, and where it came from (None: no mask)."""
         if self._v7 is not None and film.film_id in self._v7:
-            return self._v7.mask(film.film_id, pixels.shape), "v7"
+            from ..sources.v7masks import MAX_ON_BORDER, on_blank_border
+
+            mask = self._v7.mask(film.film_id, pixels.shape)
+            share = on_blank_border(mask, pixels)
+            if share <= MAX_ON_BORDER:
+                return mask, "v7"
+            log.info("%s: V7's mask lies %.0f %% on the film's blank border (drawn on another crop); not used",
+                     film.film_id, 100 * share)
         if self.spec == "v7":
             return None, "none"
         if self.spec != "auto":

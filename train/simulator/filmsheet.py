@@ -53,7 +53,7 @@ def film_sheet(films: str, *, split: str = "test", count: int = 3, size: int = 2
     from engine.io import read_xray, to_square
 
     from ..manifest import REAL_FILM_FRACTIONS, split_for
-    from ..sources.v7masks import V7LungMasks
+    from ..sources.v7masks import MAX_ON_BORDER, V7LungMasks, on_blank_border
     from .filmpairs import HEART_CTR_RANGE, discover_films
     from .onfilms import fit_anatomy, render_on_film
 
@@ -68,7 +68,10 @@ def film_sheet(films: str, *, split: str = "test", count: int = 3, size: int = 2
             continue
         xray = read_xray(film.path)
         canvas, _ = to_square(xray, size)
-        lungs, _ = to_square(masks.mask(film.film_id, xray.pixels.shape).astype(np.float32), size)
+        mask = masks.mask(film.film_id, xray.pixels.shape)
+        if on_blank_border(mask, xray.pixels) > MAX_ON_BORDER:  # drawn on another crop of the film
+            continue
+        lungs, _ = to_square(mask.astype(np.float32), size)
         content, _ = to_square(np.ones(xray.pixels.shape, dtype=np.float32), size)
         try:
             anatomy = fit_anatomy(canvas, lungs > 0.5, content=content > 0.5, seed=len(chosen))
