@@ -61,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="instruct: auto (the model's fast sampler when it has one and no --steps or other "
                            "scheduler is asked for), fast (the distilled student) or full (20 steps, three guidance "
                            "branches: the refined result)")
+    edit.add_argument("--confine", default="anatomy", choices=["anatomy", "none"],
+                      help="instruct: anatomy (default: the edit changes only the anatomy of the findings named, "
+                           "e.g. the left lung for a left effusion, found by the bundled segmenter; devices and "
+                           "'no change' are never confined) or none (the model's edit wherever it lands); "
+                           "--edit-mask/--edit-structure/--keep-* replace it")
     edit.add_argument("--text-guidance", type=float, default=7.5, help="text guidance scale (both methods)")
     edit.add_argument("--image-guidance", type=float, default=1.5, help="instruct: image guidance scale")
     edit.add_argument("--scheduler", default="ddim", choices=["ddim", "euler_a", "dpmpp"], help="instruct only")
@@ -127,7 +132,7 @@ def _words(text: str) -> tuple[str, ...]:
 
 
 _INSTRUCT_ONLY = {"instruction": None, "severity": "none", "seed": None, "image_guidance": 1.5, "scheduler": "ddim",
-                  "sampler": "auto"}
+                  "sampler": "auto", "confine": "anatomy"}
 _INVERT_ONLY = {"source_prompt": None, "target_prompt": None, "inversion": "null-text", "word_weight": 1.0,
                 "weighted_words": "", "local_blend": "", "blend_threshold": 0.3, "cross_replace": 0.8,
                 "self_replace": 0.4, "edit_score": "none", "residual": False}
@@ -153,7 +158,8 @@ def _request(args: argparse.Namespace):
         return engine.EditRequest(
             instruction=args.instruction, severity=args.severity, steps=args.steps,
             text_guidance=args.text_guidance, image_guidance=args.image_guidance, seed=args.seed,
-            scheduler=args.scheduler, sampler=args.sampler, **_detail_threshold(args.detail_threshold),
+            scheduler=args.scheduler, sampler=args.sampler, confine=args.confine,
+            **_detail_threshold(args.detail_threshold),
         ).validated()
     if not args.source_prompt or not args.target_prompt:
         raise InputError("--method invert needs --source-prompt (a caption of the input) and --target-prompt")

@@ -16,9 +16,10 @@ column                  meaning
 ``severity``            ``none`` (default), ``slight``, ``moderate``, ``large``
 ``seed``                default: derived from the film and the text, so a row is reproducible
 ``id``                  the output's name (letters, digits, ``.``, ``_``, ``-``); default ``row-NNNNN``
-``sampler``, ``steps``, optional, as ``edit``'s options (empty: the engine's defaults)
+``sampler``, ``steps``, optional, as ``edit``'s options (empty: ``edit``'s defaults)
 ``text_guidance``,
 ``image_guidance``,
+``confine``,
 ``inversion``
 ======================  ===================================================================
 
@@ -52,7 +53,7 @@ from typing import Any
 from engine.errors import InputError
 
 COLUMNS = ("id", "film", "method", "instruction", "source_caption", "target_caption", "severity", "seed", "sampler",
-           "steps", "text_guidance", "image_guidance", "inversion")
+           "steps", "text_guidance", "image_guidance", "confine", "inversion")
 RESULT_COLUMNS = ("row", "id", "film", "method", "status", "output", "message", "seed", "sampler", "steps",
                   "instruction_applied", "model_hash", "seconds", "provenance")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -184,7 +185,7 @@ def instruct_request(job: Job):
     return EditRequest(
         instruction=v["instruction"], severity=v.get("severity") or "none", steps=_number(v, "steps", int, None),
         text_guidance=_number(v, "text_guidance", float, 7.5), image_guidance=_number(v, "image_guidance", float, 1.5),
-        seed=row_seed(job), sampler=v.get("sampler") or "auto",
+        seed=row_seed(job), sampler=v.get("sampler") or "auto", confine=v.get("confine") or "anatomy",
     ).validated()
 
 

@@ -126,6 +126,7 @@ class Engine(InstructPath, InvertPath):
             GraphedUNet(self.unet_fast) if cuda_graphs else self.unet_fast)
         self._fast_schedule: tuple[torch.Tensor, float] | None = None
         self._lock = threading.Lock()
+        self._anatomy_segmenter: Any = None  # loaded on the first confine="anatomy" edit
         self._inversions: OrderedDict[tuple, Any] = OrderedDict()
         self.text_cache_size = TEXT_CACHE_SIZE  # 0 turns the embedding cache off (benchmarks)
         self._texts: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()

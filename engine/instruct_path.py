@@ -2,9 +2,10 @@
 
 :class:`InstructPath` holds the :class:`~engine.engine.Engine` methods of ``method="instruct"``:
 deciding the sampler (``resolve``: the distilled student of :mod:`engine.fast` or the full
-sampler of :mod:`engine.instruct`), batching requests (``counterfactuals``) and making one batch
-from text embedding to decoded images (``_generate``). It is mixed into the Engine and keeps no
-state of its own: the models, the caches and the lock are the Engine's (:mod:`engine.engine`).
+sampler of :mod:`engine.instruct`), batching requests (``counterfactuals``), the region of
+``confine="anatomy"`` (``anatomy_region``) and making one batch from text embedding to decoded
+images (``_generate``). It is mixed into the Engine and keeps no state of its own: the models,
+the caches, the segmenter and the lock are the Engine's (:mod:`engine.engine`).
 """
 
 from __future__ import annotations
@@ -148,8 +149,13 @@ class InstructPath:
             if len(images) != len(requests):
                 raise InputError(f"got {len(images)} priors for {len(requests)} requests; give one or one each")
             prepared = [self.prepare(image) for image in images]
+            inputs = list(images)
         else:
             prepared = [self.prepare(images)] * len(requests)
+            inputs = [images] * len(requests)
+        for i, r in enumerate(requests):  # confine="anatomy": the region of the findings named
+            if item_regions[i] is None and r.confine == "anatomy":
+                item_regions[i] = self.anatomy_region(inputs[i], r.applied_instruction)
         results: dict[int, Counterfactual] = {}
         groups: dict[tuple[str, int, str, bool], list[int]] = {}
         for i, r in enumerate(requests):  # items with regions batch apart: they draw extra noise
@@ -182,6 +188,27 @@ class InstructPath:
                         sampler_note=notes[i],
                     )
         return [results[i] for i in range(len(requests))]
+
+    def anatomy_region(self, image: XRay | np.ndarray, instruction: str) -> Regions | None:
+        """The region ``confine="anatomy"`` allows for ``instruction`` on ``image`` (None: everywhere).
+
+        Uses the bundled segmenter (:func:`engine.analysis.segmentation.load_segmenter`),
+        loaded on first use; see :func:`engine.regions.anatomy_regions`.
+
+        Raises:
+            InputError: no anatomy segmenter is installed (the message says what to place where).
+        """
+        from engine.regions import anatomy_regions, finding_structures
+
+        if finding_structures(instruction) is None:
+            return None
+        pixels = image.pixels if isinstance(image, XRay) else np.asarray(image, np.float32)
+        with self._lock:
+            if self._anatomy_segmenter is None:
+                from engine.analysis.segmentation import load_segmenter
+
+                self._anatomy_segmenter = load_segmenter("auto")
+            return anatomy_regions(self._anatomy_segmenter, pixels, instruction)
 
     def _generate(
         self, priors: list[np.ndarray], batch: list[EditRequest], steps: int, scheduler_name: str,

@@ -22,6 +22,9 @@ from engine.io import SquareTransform
 from engine.severity import SEVERITIES, apply_severity
 
 SAMPLERS = ("auto", "fast", "full")
+CONFINES = ("none", "anatomy")
+"""``EditRequest.confine``: ``anatomy`` keeps the edit inside the anatomy of the findings the
+instruction names (:func:`engine.regions.anatomy_regions`); ``none`` lets it reach anywhere."""
 MAX_INSTRUCTION_CHARS = 1000
 SYNTHETIC_LABEL = "SYNTHETIC - research use only, not for diagnosis"
 DETAIL_THRESHOLD = 0.04  # a change model's output is the decoded edit where the decoded change exceeds this
@@ -90,6 +93,13 @@ class EditRequest:
             (the distilled student, :mod:`engine.fast`: one UNet call per step) or ``full``
             (the model's own UNet with three guidance branches per step). A result's request
             records the sampler that made it, never ``auto``.
+        confine: ``none`` (the model's edit as it comes) or ``anatomy``: the edit may change
+            only the anatomy of the findings the instruction names, found by the bundled
+            segmenter on the prior (a left effusion: the left lung grown by 3 % of the canvas;
+            cardiomegaly: the heart grown by 8 %), feathered at the edge, RadEdit-style
+            (:mod:`engine.regions`). Devices and "no change" are never confined. Explicit
+            ``regions`` given to :meth:`Engine.counterfactuals` take precedence. The workstation
+            and the command line default to ``anatomy``.
     """
 
     instruction: str
@@ -101,6 +111,7 @@ class EditRequest:
     scheduler: str = "ddim"
     detail_threshold: float | None = DETAIL_THRESHOLD
     sampler: str = "auto"
+    confine: str = "none"
 
     def validated(self) -> EditRequest:
         """Checks every field and returns the request with a seed filled in.
@@ -118,6 +129,8 @@ class EditRequest:
             raise InputError(f"steps must be an integer from 1 to 500 (or none: the sampler's own), not {self.steps!r}")
         if self.sampler not in SAMPLERS:
             raise InputError(f"sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}")
+        if self.confine not in CONFINES:
+            raise InputError(f"confine must be one of {', '.join(CONFINES)}, not {self.confine!r}")
         for name in ("text_guidance", "image_guidance"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not np.isfinite(value) or not 0 <= value <= 50:

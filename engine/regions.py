@@ -9,9 +9,11 @@ VAE never reproduces pixels exactly, the decoded image is finally composited in 
 outside the allowed region the output *is* the input.
 
 Masks come from a painted image (:class:`Regions` takes one as it is), from an anatomical structure
-name through a segmenter (:func:`structure_mask`), or from a result's cross-attention maps
-(:func:`attention_mask`). Masks are given in the input's geometry (like the image) and follow
-it onto the model canvas.
+name through a segmenter (:func:`structure_mask`), from the findings an instruction names
+(:func:`anatomy_regions`: an effusion on the left confines the edit to the left lung, grown and
+feathered; cardiomegaly to the heart and its surroundings), or from a result's cross-attention
+maps (:func:`attention_mask`). Masks are given in the input's geometry (like the image) and
+follow it onto the model canvas.
 """
 
 from __future__ import annotations
@@ -29,6 +31,15 @@ from engine.io import SquareTransform, to_square
 STRUCTURE_CANVAS = 512
 """Square canvas a non-square image is letterboxed onto for segmentation."""
 
+LUNG_FINDINGS = ("effusion", "pneumothorax", "edema", "atelectasis", "consolidation")
+"""Findings that live inside the lungs' outline (:func:`finding_structures`)."""
+ANATOMY_GROW = {"lung": 0.03, "heart": 0.08}
+"""How far an instruction's anatomy is grown, as a fraction of the canvas side: a lung by 3 %
+(8 px at 256: the costophrenic recess and the segmenter's error at the lung's edge), the heart by
+8 % (an enlarging heart pushes its borders into the lungs by up to about that much)."""
+ANATOMY_FEATHER = 0.01
+"""Edge softness of an instruction's anatomy (Gaussian sigma, fraction of the canvas side)."""
+
 
 @dataclass(frozen=True)
 class Regions:
@@ -40,6 +51,10 @@ class Regions:
     Attributes:
         edit: where change is allowed (None: everywhere).
         keep: what must not change (None: nothing).
+        grow: on the canvas, the allowed region is grown by this fraction of its side.
+        feather: and then softened at its edge (Gaussian sigma, fraction of the side), so the
+            edit fades out instead of stopping at a line.
+        source: what the masks are (provenance), e.g. ``"anatomy: left_lung"``.
 
     Raises:
         InputError: a mask that is not a 2-D image or not finite.
@@ -47,8 +62,15 @@ class Regions:
 
     edit: np.ndarray | None = None
     keep: np.ndarray | None = None
+    grow: float = 0.0
+    feather: float = 0.0
+    source: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("grow", "feather"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 0.25:
+                raise InputError(f"{name} must be a fraction of the canvas from 0 to 0.25, not {value!r}")
         object.__setattr__(self, "edit", as_mask(self.edit, "edit mask"))
         object.__setattr__(self, "keep", as_mask(self.keep, "keep mask"))
 
@@ -69,13 +91,34 @@ class Regions:
         return out
 
     def canvas(self, transform: SquareTransform) -> np.ndarray:
-        """``(S, S)`` float32 allowed mask on the model canvas (the padding counts as kept)."""
+        """``(S, S)`` float32 allowed mask on the model canvas (the padding counts as kept), grown
+        and feathered as set (values in [0, 1])."""
         allowed = self.allowed(transform.input_shape)
-        return (transform.apply(allowed) > 0.5).astype(np.float32)
+        mask = transform.apply(allowed) > 0.5
+        if not self.grow and not self.feather:
+            return mask.astype(np.float32)
+        from scipy import ndimage
 
-    def summary(self) -> dict[str, float | None]:
-        """Area fractions for provenance (no pixels)."""
+        size = mask.shape[0]
+        if self.grow:
+            radius = max(1, round(self.grow * size))
+            disk = np.hypot(*np.mgrid[-radius:radius + 1, -radius:radius + 1]) <= radius
+            mask = ndimage.binary_dilation(mask, structure=disk)
+        soft = mask.astype(np.float32)
+        if self.feather:
+            soft = ndimage.gaussian_filter(soft, self.feather * size)
+        inside = transform.apply(np.ones(transform.input_shape, np.float32)) > 0.5
+        return np.clip(soft * inside, 0.0, 1.0).astype(np.float32)
+
+    def summary(self) -> dict[str, Any]:
+        """Area fractions and settings for provenance (no pixels)."""
+        extra: dict[str, Any] = {}
+        if self.grow or self.feather:
+            extra.update(grow=self.grow, feather=self.feather)
+        if self.source:
+            extra["source"] = self.source
         return {
+            **extra,
             "edit_fraction": None if self.edit is None else round(float(self.edit.mean()), 4),
             "keep_fraction": None if self.keep is None else round(float(self.keep.mean()), 4),
         }
@@ -167,3 +210,87 @@ def attention_mask(maps: np.ndarray, threshold: float = 0.3) -> np.ndarray:
         raise InputError(f"the attention threshold must be between 0 and 1, not {threshold!r}")
     top = m.max()
     return m > threshold * top if top > 0 else np.zeros(m.shape, bool)
+
+
+def finding_structures(instruction: str) -> dict[str, tuple[str, ...]] | None:
+    """The anatomy an instruction's findings live in, as ``{"lung" | "heart": structures}``.
+
+    A left effusion lives in the left lung, bilateral edema (or edema without a side) in both,
+    cardiomegaly in the heart; negated findings count too (a resolving effusion changes its lung).
+    None when the edit may reach anywhere: the instruction names no finding ("no interval
+    change"), or it names a device (lines and tubes cross the whole chest).
+
+    Example:
+        >>> finding_structures("new large left pleural effusion; heart size unchanged")
+        {'lung': ('left_lung',)}
+        >>> finding_structures("without support devices") is None
+        True
+    """
+    from engine.severity import mentions
+
+    if _DEVICE_WORDS.search(instruction):
+        return None
+    found: dict[str, list[str]] = {}
+    for m in mentions(instruction):
+        if m.finding == "cardiomegaly":
+            found.setdefault("heart", []).append("heart")
+        elif m.finding in LUNG_FINDINGS:
+            sides = ("left", "right") if m.side in (None, "bilateral") else (m.side,)
+            found.setdefault("lung", []).extend(f"{side}_lung" for side in sides)
+    if not found:
+        return None
+    return {kind: tuple(dict.fromkeys(names)) for kind, names in found.items()}
+
+
+_DEVICE_WORDS = __import__("re").compile(
+    r"\b(?:devices?|tubes?|lines?|catheters?|pacemakers?|pacer|icd|leads?|wires?|drains?|clips?|ports?"
+    r"|electrodes?|ecg|ett|ng|picc|cvc|hardware|sutures?|stents?|valves?)\b",
+    __import__("re").IGNORECASE,
+)
+
+
+def anatomy_regions(segmenter: Any, image: np.ndarray, instruction: str) -> Regions | None:
+    """The edit region of ``instruction``'s findings on ``image`` (:func:`finding_structures`).
+
+    Each kind of anatomy is segmented, grown by its :data:`ANATOMY_GROW` and the union feathered
+    by :data:`ANATOMY_FEATHER`; None where the instruction confines nothing, or where the
+    segmenter finds none of the structures on this image (the edit then reaches everywhere, as
+    without confinement).
+
+    Args:
+        segmenter: an :class:`engine.analysis.segmentation.Segmenter` with lungs and heart.
+        image: ``(H, W)`` float32 in [0, 1], the prior in its own geometry.
+        instruction: the instruction as applied.
+    """
+    wanted = finding_structures(instruction)
+    if wanted is None:
+        return None
+    edit = np.zeros(image.shape, bool)
+    names: list[str] = []
+    for kind, structures in wanted.items():
+        mask = structure_mask(segmenter, image, list(structures))
+        if not mask.any():
+            continue
+        edit |= _grown(mask, ANATOMY_GROW[kind])
+        names.extend(structures)
+    if not names:
+        return None
+    return Regions(edit=edit, feather=ANATOMY_FEATHER, source="anatomy: " + ", ".join(names))
+
+
+def _grown(mask: np.ndarray, fraction: float, work: int = STRUCTURE_CANVAS) -> np.ndarray:
+    """``mask`` grown by a disk of ``fraction`` of its longer side (dilated at most ``work`` px wide)."""
+    from scipy import ndimage
+
+    h, w = mask.shape
+    scale = min(1.0, work / max(h, w))
+    small_hw = (max(1, round(h * scale)), max(1, round(w * scale)))
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    small = F.interpolate(t, size=small_hw, mode="area")[0, 0].numpy() > 0.0 if scale < 1 else mask
+    radius = max(1, round(fraction * max(small_hw)))
+    disk = np.hypot(*np.mgrid[-radius:radius + 1, -radius:radius + 1]) <= radius
+    grown = ndimage.binary_dilation(small, structure=disk)
+    if scale < 1:
+        up = F.interpolate(torch.from_numpy(grown.astype(np.float32))[None, None], size=(h, w), mode="nearest")
+        grown = up[0, 0].numpy() > 0.5
+    return grown | mask

@@ -22,20 +22,21 @@ The result is what the model receives and what the user is shown, word for word.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 SEVERITIES = ("none", "slight", "moderate", "large")
 
 _SIZE_WORDS = {"slight": "small", "moderate": "moderate", "large": "large"}
 _GRADE_WORDS = {"slight": "mild", "moderate": "moderate", "large": "severe"}
 
-# finding pattern -> word table. Longer phrases first so "pleural effusion" wins over "effusion".
-_FINDINGS: tuple[tuple[str, dict[str, str]], ...] = (
-    (r"pleural effusions?|effusions?", _SIZE_WORDS),
-    (r"pneumothora(?:x|ces)", _SIZE_WORDS),
-    (r"cardiomegaly", _GRADE_WORDS),
-    (r"(?:pulmonary |interstitial |alveolar )?edema|oedema", _GRADE_WORDS),
-    (r"atelectasis|atelectases", _GRADE_WORDS),
-    (r"consolidations?|airspace (?:disease|opacity|opacities)", _GRADE_WORDS),
+# finding pattern -> (name, word table). Longer phrases first so "pleural effusion" wins over "effusion".
+_FINDINGS: tuple[tuple[str, str, dict[str, str]], ...] = (
+    (r"pleural effusions?|effusions?", "effusion", _SIZE_WORDS),
+    (r"pneumothora(?:x|ces)", "pneumothorax", _SIZE_WORDS),
+    (r"cardiomegaly", "cardiomegaly", _GRADE_WORDS),
+    (r"(?:pulmonary |interstitial |alveolar )?edema|oedema", "edema", _GRADE_WORDS),
+    (r"atelectasis|atelectases", "atelectasis", _GRADE_WORDS),
+    (r"consolidations?|airspace (?:disease|opacity|opacities)", "consolidation", _GRADE_WORDS),
 )
 _EXISTING = (
     r"trace|tiny|minimal|slight|small|mild|moderate|moderately large|large|severe|marked"
@@ -64,7 +65,52 @@ def _severity_pattern(finding: str) -> re.Pattern[str]:
     )
 
 
-_PATTERNS = tuple((_severity_pattern(f), words) for f, words in _FINDINGS)
+_PATTERNS = tuple((_severity_pattern(f), name, words) for f, name, words in _FINDINGS)
+
+
+@dataclass(frozen=True)
+class Mention:
+    """One finding named in an instruction.
+
+    Attributes:
+        finding: ``effusion``, ``pneumothorax``, ``cardiomegaly``, ``edema``, ``atelectasis`` or
+            ``consolidation``.
+        side: the patient's ``left`` or ``right``, ``bilateral``, or None (not said).
+        negated: "no pneumothorax", "without effusion", "effusion has resolved".
+        start: where the mention (with its severity and laterality words) starts in the text.
+        end: where it ends.
+        laterality: the laterality words as written ("right lower lobe ", with the space), or "".
+        phrase: the finding's words as written.
+    """
+
+    finding: str
+    side: str | None
+    negated: bool
+    start: int
+    end: int
+    laterality: str
+    phrase: str
+
+
+def mentions(instruction: str) -> list[Mention]:
+    """Every finding named in ``instruction``, in order (a longer phrase wins over a shorter one inside it).
+
+    Example:
+        >>> [(m.finding, m.side, m.negated) for m in mentions("new right effusion; no pneumothorax")]
+        [('effusion', 'right', False), ('pneumothorax', None, True)]
+    """
+    found: list[Mention] = []
+    for pattern, name, _ in _PATTERNS:
+        for m in pattern.finditer(instruction):
+            if any(f.start < m.end() and m.start() < f.end for f in found):
+                continue  # overlaps a longer finding phrase already found
+            lat = m.group("lat") or ""
+            side = next((w for w in ("right", "left", "bilateral") if lat.lower().startswith(w)), None)
+            if side is None and lat.lower().startswith("bi"):  # bibasilar, bibasal
+                side = "bilateral"
+            negated = bool(_NEGATION.search(instruction[: m.start()]) or _RESOLVED_AFTER.match(instruction[m.end():]))
+            found.append(Mention(name, side, negated, m.start(), m.end(), lat, m.group("finding")))
+    return sorted(found, key=lambda f: f.start)
 
 
 def apply_severity(instruction: str, severity: str) -> str:
@@ -94,17 +140,9 @@ def apply_severity(instruction: str, severity: str) -> str:
         raise ValueError(f"severity must be one of {', '.join(SEVERITIES)}, not {severity!r}")
     if severity == "none":
         return instruction
-    taken: list[tuple[int, int, str]] = []
-    for pattern, words in _PATTERNS:
-        for m in pattern.finditer(instruction):
-            if any(s < m.end() and m.start() < e for s, e, _ in taken):
-                continue  # overlaps a longer finding phrase already handled
-            if _NEGATION.search(instruction[: m.start()]) or _RESOLVED_AFTER.match(
-                instruction[m.end() :]
-            ):
-                continue
-            lat = m.group("lat") or ""
-            taken.append((m.start(), m.end(), f"{words[severity]} {lat}{m.group('finding')}"))
+    words = {name: table for _, name, table in _PATTERNS}
+    taken = [(m.start, m.end, f"{words[m.finding][severity]} {m.laterality}{m.phrase}")
+             for m in mentions(instruction) if not m.negated]
     out = instruction
     for start, end, text in sorted(taken, reverse=True):
         out = out[:start] + text + out[end:]

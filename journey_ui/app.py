@@ -24,7 +24,8 @@ import numpy as np
 from engine.errors import InputError, ModelFolderError
 from journey_ui import views
 from journey_ui.workstation import (
-    EXAMPLE_INSTRUCTIONS, INVERSIONS, METHODS, EditResult, Session, Workstation, close_session, sampler_text,
+    EXAMPLE_INSTRUCTIONS, INVERSIONS, METHODS, REGION_ANATOMY, REGION_ANYWHERE, EditResult, Session, Workstation,
+    close_session, sampler_text,
 )
 
 log = logging.getLogger(__name__)
@@ -226,11 +227,12 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                         local_blend, steps, text_g, image_g, seed, random_seed, editor, region_structure,
                         progress=progress, sampler="full")
 
-    def live_preview(session, method, instruction, severity, text_g, image_g, seed, steps):
-        """The live preview (Generate's path, no analysis) follows the description, severity, guidance
-        and seed; an older, slower one leaves the image alone.
+    def live_preview(session, method, instruction, severity, text_g, image_g, seed, steps, region=REGION_ANATOMY):
+        """The live preview (Generate's path, no analysis) follows the description, severity, guidance,
+        seed and region choice; an older, slower one leaves the image alone.
         What the engine refuses is said under the preview, not in a pop-up at every keystroke."""
         session = ws.session(session)
+        ws.choose_region(session, region)
         if method != METHODS[0]:
             return gr.update(), gr.update(), session
         try:
@@ -395,9 +397,12 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                             random_seed = gr.Checkbox(value=False, label="Random seed")
                             compare = gr.Checkbox(value=False, label="Compare: both methods + identity",
                                                   elem_id="compare")
-                        with gr.Accordion("Region (optional): where the change may happen", open=False):
-                            region_structure = gr.Dropdown(["none", *structures], value="none",
-                                                           label="Allow change only in this structure")
+                        with gr.Accordion("Region: where the change may happen", open=False):
+                            region_structure = gr.Dropdown(
+                                [REGION_ANATOMY, REGION_ANYWHERE, *structures], value=REGION_ANATOMY,
+                                label="Allow change only in",
+                                info="the anatomy of the findings named (a left effusion: the left lung; devices "
+                                     "and 'no change': anywhere), anywhere, or one structure")
                             editor = gr.ImageEditor(label="…or paint the region on the prior", type="numpy",
                                                     image_mode="RGBA", height=320, sources=(),
                                                     brush=gr.Brush(colors=["#ff3030"], default_size=24),
@@ -499,7 +504,7 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
         journey_out = [timeline, frame_slider, frame_view, journey_gif, series_metrics, session]
         # Every result of the Edit and Journey tabs, in the order of cleared_results().
         result_outputs = [*edit_outputs, compare_gallery, compare_table, exported, *journey_out[:-1]]
-        preview_inputs = [session, method, instruction, severity, text_g, image_g, seed, steps]
+        preview_inputs = [session, method, instruction, severity, text_g, image_g, seed, steps, region_structure]
         preview_outputs = [live, live_info, session]
         # Reading the upload first, with no outputs: a refused file is one message and the panels
         # (and the film) stay as they were; a good one replaces the film and empties every result,
@@ -511,7 +516,8 @@ def build(eng: Any, analyst: Any = None, *, concurrency: int | None = None):
                                      api_name=False, show_progress="hidden", **heavy)
         # One event for every control the preview depends on: while a preview runs, further changes
         # collapse into one more run (always_last), so fast typing is debounced and the last state wins.
-        gr.on([instruction.change, severity.change, text_g.release, image_g.release, seed.change],
+        gr.on([instruction.change, severity.change, text_g.release, image_g.release, seed.change,
+               region_structure.change],
               _gpu(_handler(live_preview)), preview_inputs, preview_outputs, api_name="preview",
               trigger_mode="always_last", show_progress="hidden", **heavy)
         method.change(method_switch, method, [instruct_box, invert_box, image_g], api_name=False)

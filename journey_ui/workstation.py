@@ -169,6 +169,9 @@ class Session:
     views: list[Path] = field(default_factory=list)
     preview_ticket: int = 0
     """Number of the newest live preview started (a slower, older one never replaces its image)."""
+    confine: str = "anatomy"
+    """``EditRequest.confine`` of this session's edits, previews and journeys: the region setting's
+    choice (:data:`REGION_ANATOMY`: ``anatomy``; :data:`REGION_ANYWHERE`: ``none``)."""
 
     def clear_results(self) -> None:
         """Forgets every result of the film that was loaded: the edit, the comparison, the
@@ -284,6 +287,12 @@ def sampler_text(provenance: dict[str, Any]) -> str:
     if info.get("note"):
         text += f" ({info['note']})"
     return text
+
+
+REGION_ANATOMY = "anatomy of the findings named"
+"""Region choice: the edit may change only the anatomy of the findings the instruction names."""
+REGION_ANYWHERE = "anywhere"
+"""Region choice: the model's edit wherever it lands."""
 
 
 def target_structure(instruction: str, structures: Sequence[str]) -> str | None:
@@ -657,6 +666,7 @@ class Workstation:
             return None
         request = engine.EditRequest(instruction=instruction, severity=severity, text_guidance=float(text_g),
                                      image_guidance=float(image_g), seed=0 if seed is None else int(seed),
+                                     confine=session.confine,
                                      **self.sampling(steps if steps else 20))
         t0 = time.perf_counter()
         cf = self.eng.counterfactual(session.xray, request)
@@ -668,10 +678,25 @@ class Workstation:
         return Preview(cf.image, caption, ticket)
 
 
+    @staticmethod
+    def choose_region(session: Session, choice: str | None) -> None:
+        """Keeps the region choice as the session's :attr:`Session.confine`: ``anatomy`` for
+        :data:`REGION_ANATOMY` (or nothing chosen), ``none`` for anything else (anywhere, or a
+        structure or painted region, which :meth:`regions` turns into masks)."""
+        session.confine = "anatomy" if choice in (None, "", REGION_ANATOMY) else "none"
+
     def regions(self, session: Session, editor_value: Any, structure: str | None) -> Any:
-        """The edit region from the painted mask and/or a structure; None when neither is set."""
+        """The edit region from the painted mask and/or a structure; None when neither is set.
+
+        ``structure`` may also be :data:`REGION_ANATOMY` (the default: the anatomy of the findings
+        named, ``confine="anatomy"``) or :data:`REGION_ANYWHERE` (no region); the choice is kept
+        as the session's :attr:`Session.confine` for its edits, previews and journeys.
+        """
         xray = self._need_xray(session)
         mask = painted_mask(editor_value, xray.shape)
+        self.choose_region(session, structure)
+        if structure in (REGION_ANATOMY, REGION_ANYWHERE):
+            structure = None
         if structure and structure != "none":
             if self.analyst is None or not self.structures:
                 raise InputError("No anatomy segmenter is installed, so a structure cannot be picked; paint the region")
@@ -702,6 +727,7 @@ class Workstation:
                 raise InputError(f"{self.eng.model_id} is a text-to-image model: use 'Inversion edit'")
             request = engine.EditRequest(instruction=instruction or "", severity=severity,
                                          text_guidance=float(text_g), image_guidance=float(image_g), seed=seed_value,
+                                         confine=session.confine,
                                          **self.sampling(steps, sampler))
             progress(0.1, desc="Generating the counterfactual")
             cf = self.eng.counterfactuals(xray, [request], regions=regions)[0]
@@ -790,7 +816,8 @@ class Workstation:
         rungs = ladder_instructions(finding)
         seed_value = 0 if seed is None else int(seed)
         requests = [engine.EditRequest(instruction=text, severity=sev, text_guidance=float(text_g),
-                                       image_guidance=float(image_g), seed=seed_value, **self.sampling(steps, sampler))
+                                       image_guidance=float(image_g), seed=seed_value, confine=session.confine,
+                                       **self.sampling(steps, sampler))
                     for _, text, sev in rungs if text is not None]
         progress(0.1, desc=f"Generating {len(requests)} rungs as one batch")
         results = iter(self.eng.counterfactuals(xray, requests))

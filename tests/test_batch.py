@@ -84,12 +84,13 @@ def test_a_folder_of_edits_with_bad_rows_reported(fast_model, tmp_path):
     # each output is the counterfactual an edit of the same row makes, in the film's geometry, with provenance
     eng = engine.load(fast_model, device="cpu", dtype="fp32")
     film = read_xray(tmp_path / "films" / "f0.png")
-    single = eng.counterfactual(film, "new left pleural effusion", severity="large", seed=3)
+    single = eng.counterfactual(film, "new left pleural effusion", severity="large", seed=3, confine="anatomy")
     written = read_xray(out / "row-00001.png")
     assert written.pixels.shape == film.pixels.shape
     assert np.abs(written.pixels - single.image_input).max() <= 1.0 / 255 + 1e-6
     prov = json.loads(rows[0]["provenance"])
     assert prov["seed"] == 3 and prov["sampler"]["path"] == "fast" and prov["synthetic"]
+    assert prov["request"]["confine"] == "anatomy"  # batch confines by default, as edit and the app do
     with Image.open(out / "row-00001.png") as im:
         assert json.loads(im.text["cxr-journey"])["batch_row"] == {"row": 1, "id": "row-00001"}
     seeds = {r["id"]: r["seed"] for r in rows[:3]}

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from fixtures_sd import build_tiny_clip, build_tiny_sd
 
 import engine
@@ -459,3 +460,32 @@ def test_cli_invert_bad_input_exits_2(sd_folder, tmp_path, capsys, extra, messag
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and "\n" not in err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_confine_anatomy_keeps_the_edit_in_the_named_findings_anatomy(tiny_engine):
+    """confine="anatomy": a left effusion changes only the left lung (grown and feathered) that the
+    bundled segmenter finds on the prior; devices and "no change" are not confined."""
+    from engine.analysis.segmentation import load_segmenter
+    from engine.regions import ANATOMY_GROW, finding_structures, structure_mask
+    from train.simulator import Findings, render, sample_patient
+
+    film = render(sample_patient(np.random.default_rng(3)), Findings(), size=128, noise_seed=1).image
+    film = film.reshape(64, 2, 64, 2).mean(axis=(1, 3)).astype(np.float32)  # the tiny model's canvas
+    request = engine.EditRequest("new large left pleural effusion", seed=1, steps=3, confine="anatomy")
+    out = tiny_engine.counterfactual(film, request)
+    lung = structure_mask(load_segmenter("auto"), film, "left_lung")
+    assert lung.any()
+    far = ~ndimage.binary_dilation(lung, iterations=int(ANATOMY_GROW["lung"] * 64) + 8)
+    plain = tiny_engine.counterfactual(film, replace(request, confine="none"))
+    assert np.abs(plain.image - film)[far].max() > 1e-3  # the tiny model's edit reaches everywhere ...
+    np.testing.assert_array_equal(out.image[far], film[far])  # ... confined, only near the left lung
+    assert np.abs(out.image - film).max() > 1e-3
+    regions = out.provenance()["regions"]
+    assert regions["source"] == "anatomy: left_lung" and regions["feather"] > 0
+    assert out.provenance()["request"]["confine"] == "anatomy"
+    devices = tiny_engine.counterfactual(film, replace(request, instruction="without support devices"))
+    assert devices.regions is None and finding_structures("no interval change") is None
+    assert finding_structures("new cardiomegaly; right lower lobe consolidation") == {
+        "heart": ("heart",), "lung": ("right_lung",)}
+    with pytest.raises(InputError, match="confine"):
+        engine.EditRequest("new effusion", confine="lungs").validated()

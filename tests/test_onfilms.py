@@ -283,6 +283,16 @@ def test_real_film_report_says_where_the_change_lands(tmp_path, tiny_model):
     assert set(agg) == {"left effusion", "right effusion", "cardiomegaly", "no change"}
     assert 0.0 <= agg["left effusion"]["asked_side_rate"] <= 1.0
     assert out.with_suffix(".md").read_text().count("|") > 20 and out.with_suffix(".png").is_file()
+    # the app's default confines the edit to the named finding's anatomy; --confine none does not
+    loose = tmp_path / "loose.json"
+    assert train_main(["evaluate-real", "--model", str(tiny_model), "--films", str(films), "--masks", str(masks),
+                       "--split", "all", "--out", str(loose), "--segmenter", "none", "--sheet", "0", "--device", "cpu",
+                       "--confine", "none", "--quiet"]) == 0
+    loose_agg = json.loads(loose.read_text())["aggregate"]
+    assert report["confine"] == "anatomy" and "confine anatomy" in out.with_suffix(".md").read_text()
+    for key in ("left effusion", "right effusion"):
+        assert agg[key]["outside_lungs_median"] < 0.5 * loose_agg[key]["outside_lungs_median"]
+        assert agg[key]["asked_side_rate"] == 1.0
     # the measure itself, by hand: all change in the patient's left lung (the image's right)
     from train.evaluate_real import FilmLungs
 
@@ -296,3 +306,40 @@ def test_real_film_report_says_where_the_change_lands(tmp_path, tiny_model):
     assert row["asked_more"] and row["asked_lung"] == 1.0 and row["other_lung"] == 0.0 and row["outside_lungs"] == 0.0
     delta[0, 0] = 0.4  # outside both lungs
     assert abs(where(delta, film, "right", grow=1)["outside_lungs"] - 0.4 / 4.4) < 1e-9
+
+
+def _v7_zip(tmp_path: Path, masks: dict[str, np.ndarray]) -> Path:
+    """A zip laid out as torchxrayvision's V7 masks (square 0/255 PNGs named by image id)."""
+    import zipfile
+
+    path = tmp_path / "v7.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for image_id, mask in masks.items():
+            square = Image.fromarray(mask.astype(np.uint8) * 255).resize((400, 400), Image.Resampling.NEAREST)
+            buffer = __import__("io").BytesIO()
+            square.save(buffer, format="PNG")
+            z.writestr(f"masks/{image_id}.png", buffer.getvalue())
+    return path
+
+
+def test_a_v7_mask_drawn_on_another_crop_is_not_used(tmp_path, film):
+    """A mask lying on the film's blank border was drawn on another crop: MaskSource refuses it
+    (v7: no mask; auto: the segmenter's), and one that fits is used as it is."""
+    from train.simulator.filmpairs import Film, MaskSource
+    from train.sources.v7masks import MAX_ON_BORDER, V7LungMasks, on_blank_border
+
+    image, lungs, _ = film
+    pixels = image.copy()
+    pixels[:, :24] = 0.0  # a blank strip at the film's edge (collimation / letterbox)
+    shifted = np.roll(lungs, -40, axis=1)  # the same lungs, moved onto that strip
+    assert on_blank_border(lungs, pixels) == 0.0
+    assert on_blank_border(shifted, pixels) > MAX_ON_BORDER
+    dark_lungs = pixels.copy()
+    dark_lungs[lungs] = 0.0  # dark lungs inside the film are not its border
+    assert on_blank_border(lungs, dark_lungs) == 0.0
+
+    source = MaskSource("v7")
+    source._v7 = V7LungMasks(_v7_zip(tmp_path, {"fits": lungs, "shifted": shifted}))
+    mask, where = source.lungs(Film("fits", "p", "fits.png", "PA"), pixels)
+    assert where == "v7" and (mask == lungs).mean() > 0.99
+    assert source.lungs(Film("shifted", "p", "shifted.png", "PA"), pixels) == (None, "none")

@@ -17,7 +17,7 @@ from engine.errors import InputError
 from journey_ui import views
 from journey_ui.app import example_files, series_example, simulated_examples
 from journey_ui.workstation import (
-    EXAMPLE_INSTRUCTIONS, METHODS, Session, Workstation, close_session, ladder_instructions, order_series, painted_mask,
+    EXAMPLE_INSTRUCTIONS, METHODS, REGION_ANATOMY, REGION_ANYWHERE, Session, Workstation, close_session, ladder_instructions, order_series, painted_mask,
     target_finding, target_structure,
 )
 
@@ -203,6 +203,21 @@ def test_structure_region_and_unknown_structure(ws, session):
     assert regions.edit.any() and regions.edit.mean() < 0.5
     with pytest.raises(InputError):
         ws.regions(session, None, "left kidney")
+
+
+def test_region_choice_confines_edits_to_the_findings_anatomy_by_default(ws, session):
+    """The default region is the anatomy of the findings named; "anywhere" turns it off, and a
+    structure replaces it. The choice reaches every edit's provenance."""
+    assert ws.regions(session, None, REGION_ANATOMY) is None and session.confine == "anatomy"
+    confined = ws.edit(session, *edit_args())  # new right pleural effusion
+    assert confined.provenance["request"]["confine"] == "anatomy"
+    assert confined.provenance["regions"]["source"] == "anatomy: right_lung"
+    assert ws.regions(session, None, REGION_ANYWHERE) is None and session.confine == "none"
+    anywhere = ws.edit(session, *edit_args())
+    assert anywhere.provenance["request"]["confine"] == "none" and anywhere.provenance.get("regions") is None
+    assert not np.array_equal(anywhere.image, confined.image)
+    assert ws.regions(session, None, "right_lung").edit.any() and session.confine == "none"
+    ws.choose_region(session, REGION_ANATOMY)
 
 
 def test_reanalyse_switches_the_attention_finding(ws, session):
@@ -401,7 +416,7 @@ def served(tiny_engine, analyst):
 
 def _generate(client, instruction="new right pleural effusion", severity="large"):
     return client.predict(False, METHODS[0], instruction, severity, "chest x-ray", "chest x-ray", "negative-prompt",
-                          2.0, "", 2, 7.5, 1.5, 5, False, None, "none", api_name="/generate")
+                          2.0, "", 2, 7.5, 1.5, 5, False, None, REGION_ANYWHERE, api_name="/generate")
 
 
 def test_served_upload_generate_export_round_trip(served, rg1_dicom, tmp_path):
@@ -426,7 +441,7 @@ def test_inversion_edit_leaves_the_seed_field_as_it_was(served, rg1_dicom):
     client = Client(served.local_url, verbose=False)
     client.predict(handle_file(str(rg1_dicom)), api_name="/load")
     out = client.predict(False, METHODS[1], "", "none", "unchanged support devices", "without support devices",
-                         "direct", 2.0, "", 2, 7.5, 1.5, 5, False, None, "none", api_name="/generate")
+                         "direct", 2.0, "", 2, 7.5, 1.5, 5, False, None, REGION_ANYWHERE, api_name="/generate")
     record = json.loads(out[9])
     assert record["method"].startswith("invert") and "seed is not used" in record["seed_note"]
     assert out[8] == 5
@@ -845,10 +860,11 @@ def test_served_live_preview_and_refine(fast_engine, analyst, rg1_dicom):
         client = Client(demo.local_url, verbose=False)
         client.predict(handle_file(str(rg1_dicom)), api_name="/load")
         image, caption = client.predict(METHODS[0], "new left pleural effusion", "moderate", 7.5, 1.5, 2, 20,
-                                        api_name="/preview")
+                                        REGION_ANATOMY, api_name="/preview")
         assert Path(image).is_file() and "fast sampler, 4 steps" in caption
         out = client.predict(False, METHODS[0], "new left pleural effusion", "moderate", "a", "b", "negative-prompt",
-                             2.0, "", 5, 7.5, 1.5, 2, False, None, "none", api_name="/refine")
+                             2.0, "", 5, 7.5, 1.5, 2, False, None, REGION_ANYWHERE, api_name="/refine")
         assert json.loads(out[9])["sampler"]["path"] == "full" and "full sampler, 5 steps" in out[11]
+        assert json.loads(out[9])["request"]["confine"] == "none"  # the region choice reaches the engine
     finally:
         demo.close()

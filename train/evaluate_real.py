@@ -105,10 +105,14 @@ def where(delta: np.ndarray, film: FilmLungs, side: str | None, grow: int) -> di
 
 def evaluate_real(model: str | None, films: str, *, split: str = "test", out: str, limit: int | None = None,
                   seed: int = 0, grow: int = 3, device: str = "auto", masks: str = "auto", segmenter: str = "auto",
-                  sheet: int = 0, progress: bool = True, sampler: str = "auto", steps: int | None = None) -> dict[str, Any]:
+                  sheet: int = 0, progress: bool = True, sampler: str = "auto", steps: int | None = None,
+                  confine: str = "anatomy") -> dict[str, Any]:
     """Runs the report (see the module docstring) and writes ``out`` (.json) with ``.md`` and an optional sheet.
 
-    ``sampler`` and ``steps`` as :class:`engine.EditRequest`'s (default: what the app runs)."""
+    ``sampler``, ``steps`` and ``confine`` as :class:`engine.EditRequest`'s (default: what the app
+    runs). With ``confine="anatomy"`` the edit is kept to the segmenter's lungs (grown), so on
+    films whose lungs here are the segmenter's too the inside/outside split is partly by
+    construction: the aggregate also gives it for the films with V7's independent masks."""
     import engine
     from engine.analysis.segmentation import cardiothoracic_ratio, load_segmenter
 
@@ -123,7 +127,7 @@ def evaluate_real(model: str | None, films: str, *, split: str = "test", out: st
     for k, film in enumerate(films_):
         images = {}
         for key, (instruction, side) in INSTRUCTIONS.items():
-            cf = eng.counterfactual(film.canvas, instruction, seed=seed, sampler=sampler, steps=steps)
+            cf = eng.counterfactual(film.canvas, instruction, seed=seed, sampler=sampler, steps=steps, confine=confine)
             used = f"{cf.request.sampler} {cf.request.steps}"
             delta = cf.image - cf.prior
             row = {"film_id": film.film_id, "view": film.view, "mask_source": film.source, "edit": key,
@@ -143,7 +147,7 @@ def evaluate_real(model: str | None, films: str, *, split: str = "test", out: st
               "split": split, "films": len(films_),
               "views": {v: sum(1 for f in films_ if f.view == v) for v in sorted({str(f.view) for f in films_})},
               "mask_sources": {s: sum(1 for f in films_ if f.source == s) for s in sorted({f.source for f in films_})},
-              "seed": seed, "grow_px": grow, "seconds": round(time.perf_counter() - t0, 1),
+              "seed": seed, "grow_px": grow, "confine": confine, "seconds": round(time.perf_counter() - t0, 1),
               "aggregate": aggregate_real(rows), "rows": rows}
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +172,10 @@ def aggregate_real(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "inside_lungs_median": statistics.median(r["inside_lungs"] for r in sel),
             "outside_lungs_median": statistics.median(r["outside_lungs"] for r in sel),
         }
+        v7 = [r["outside_lungs"] for r in sel if r.get("mask_source") == "v7"]
+        if v7:  # the films whose lungs were drawn by hand, independent of the segmenter
+            agg["outside_lungs_median_v7"] = statistics.median(v7)
+            agg["films_v7"] = len(v7)
         if "asked_more" in sel[0]:
             agg["asked_side_rate"] = sum(r["asked_more"] for r in sel) / len(sel)
             agg["asked_lung_median"] = statistics.median(r["asked_lung"] for r in sel)
@@ -194,11 +202,12 @@ def markdown_real(report: dict[str, Any]) -> str:
     """The aggregate as a markdown table."""
     lines = [f"Real films: {report['films']} of the {report['split']} patients (views {report['views']}; lungs "
              f"from {report['mask_sources']}); model `{report['model_id']}` ({report['model_hash'][:12]}), "
-             f"sampler {report.get('sampler') or '?'}, seed "
+             f"sampler {report.get('sampler') or '?'}, confine {report.get('confine', 'none')}, seed "
              f"{report['seed']}, lungs grown by {report['grow_px']} px.", "",
              "| instruction | films | asked lung > other | asked / other lung (median share) | inside / outside lungs "
-             "(median share) | mean abs change (median, max) | CTR rises (median change) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "(median share) | outside, films with V7 masks (median) | mean abs change (median, max) | CTR rises "
+             "(median change) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, agg in report["aggregate"].items():
         if key == "film_ctr":
             continue
@@ -207,6 +216,7 @@ def markdown_real(report: dict[str, Any]) -> str:
         ctr = f"{agg['ctr_rise_rate']:.0%} ({agg['ctr_change_median']:+.3f})" if "ctr_rise_rate" in agg else "-"
         lines.append(f"| {INSTRUCTIONS[key][0]} | {agg['films']} | {side[0]} | {side[1]} | "
                      f"{agg['inside_lungs_median']:.2f} / {agg['outside_lungs_median']:.2f} | "
+                     f"{(format(agg['outside_lungs_median_v7'], '.2f') + ' (' + str(agg['films_v7']) + ')') if 'films_v7' in agg else '-'} | "
                      f"{agg['mean_abs_median']:.4f}, {agg['mean_abs_max']:.4f} | {ctr} |")
     ctr = report["aggregate"].get("film_ctr")
     if ctr:
@@ -250,6 +260,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", default="auto", choices=("auto", "fast", "full"),
                    help="auto (the app's: the model's fast sampler when it has one), fast or full")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the sampler's own)")
+    p.add_argument("--confine", default="anatomy", choices=("anatomy", "none"),
+                   help="anatomy (the app's: edits kept to the anatomy of the findings named) or none")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -257,6 +269,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     report = evaluate_real(args.model, args.films, split=args.split, out=args.out, limit=args.limit, seed=args.seed,
                            grow=args.grow, device=args.device, masks=args.masks, segmenter=args.segmenter,
-                           sheet=args.sheet, progress=not args.quiet, sampler=args.sampler, steps=args.steps)
+                           sheet=args.sheet, progress=not args.quiet, sampler=args.sampler, steps=args.steps,
+                           confine=args.confine)
     print(markdown_real(report))
     return 0
