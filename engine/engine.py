@@ -127,6 +127,7 @@ class Engine(InstructPath, InvertPath):
         self._fast_schedule: tuple[torch.Tensor, float] | None = None
         self._lock = threading.Lock()
         self._anatomy_segmenter: Any = None  # loaded on the first confine="anatomy" edit
+        self._anatomy: OrderedDict[tuple, Any] = OrderedDict()  # its regions by prior and anatomy
         self._inversions: OrderedDict[tuple, Any] = OrderedDict()
         self.text_cache_size = TEXT_CACHE_SIZE  # 0 turns the embedding cache off (benchmarks)
         self._texts: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -361,9 +362,10 @@ class Engine(InstructPath, InvertPath):
                 self._prior_decodes(entries)
 
     def clear_prior_cache(self) -> None:
-        """Forgets every cached prior latent and reconstruction (benchmarks time cold edits)."""
+        """Forgets every cached prior latent, reconstruction and anatomy region (benchmarks time cold edits)."""
         with self._lock:
             self._priors.clear()
+            self._anatomy.clear()
 
     def warm_up(self) -> None:
         """Runs one 2-step edit of a blank image on each sampler, so the first user's edit meets

@@ -25,6 +25,8 @@ from engine.io import XRay
 from engine.records import Counterfactual, EditRequest
 from engine.regions import Regions, composite, latent_mask
 
+ANATOMY_CACHE_SIZE = 8  # confine="anatomy" regions kept by prior and anatomy (masks of the prior's size)
+
 FULL_STEPS = 20  # the full sampler's default steps
 
 
@@ -193,22 +195,34 @@ class InstructPath:
         """The region ``confine="anatomy"`` allows for ``instruction`` on ``image`` (None: everywhere).
 
         Uses the bundled segmenter (:func:`engine.analysis.segmentation.load_segmenter`),
-        loaded on first use; see :func:`engine.regions.anatomy_regions`.
+        loaded on first use; see :func:`engine.regions.anatomy_regions`. The last few regions are
+        kept by prior and anatomy, so re-edits and live previews of one film segment it once.
 
         Raises:
             InputError: no anatomy segmenter is installed (the message says what to place where).
         """
+        import hashlib
+
         from engine.regions import anatomy_regions, finding_structures
 
-        if finding_structures(instruction) is None:
+        wanted = finding_structures(instruction)
+        if wanted is None:
             return None
-        pixels = image.pixels if isinstance(image, XRay) else np.asarray(image, np.float32)
+        pixels = np.ascontiguousarray(image.pixels if isinstance(image, XRay) else np.asarray(image, np.float32))
+        key = (hashlib.sha256(pixels.tobytes()).hexdigest(), pixels.shape, tuple(sorted(wanted.items())))
         with self._lock:
+            if key in self._anatomy:
+                self._anatomy.move_to_end(key)
+                return self._anatomy[key]
             if self._anatomy_segmenter is None:
                 from engine.analysis.segmentation import load_segmenter
 
                 self._anatomy_segmenter = load_segmenter("auto")
-            return anatomy_regions(self._anatomy_segmenter, pixels, instruction)
+            region = anatomy_regions(self._anatomy_segmenter, pixels, instruction)
+            self._anatomy[key] = region
+            while len(self._anatomy) > ANATOMY_CACHE_SIZE:
+                self._anatomy.popitem(last=False)
+            return region
 
     def _generate(
         self, priors: list[np.ndarray], batch: list[EditRequest], steps: int, scheduler_name: str,

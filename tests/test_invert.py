@@ -489,3 +489,7 @@ def test_confine_anatomy_keeps_the_edit_in_the_named_findings_anatomy(tiny_engin
         "heart": ("heart",), "lung": ("right_lung",)}
     with pytest.raises(InputError, match="confine"):
         engine.EditRequest("new effusion", confine="lungs").validated()
+    # one film's anatomy is segmented once: a re-edit (another severity) reuses its region
+    again = tiny_engine.anatomy_region(film, "new small left pleural effusion")
+    assert again is tiny_engine.anatomy_region(film, "new large left pleural effusion")
+    assert again is not tiny_engine.anatomy_region(film, "new large right pleural effusion")

@@ -212,9 +212,11 @@ def test_region_choice_confines_edits_to_the_findings_anatomy_by_default(ws, ses
     confined = ws.edit(session, *edit_args())  # new right pleural effusion
     assert confined.provenance["request"]["confine"] == "anatomy"
     assert confined.provenance["regions"]["source"] == "anatomy: right_lung"
+    assert any("kept to the anatomy of the findings named (right lung" in n for n in confined.notes)
     assert ws.regions(session, None, REGION_ANYWHERE) is None and session.confine == "none"
     anywhere = ws.edit(session, *edit_args())
     assert anywhere.provenance["request"]["confine"] == "none" and anywhere.provenance.get("regions") is None
+    assert not any("kept to the anatomy" in n for n in anywhere.notes)
     assert not np.array_equal(anywhere.image, confined.image)
     assert ws.regions(session, None, "right_lung").edit.any() and session.confine == "none"
     ws.choose_region(session, REGION_ANATOMY)
