@@ -90,6 +90,9 @@ class EvaluateConfig:
         sampler: ``auto`` (what the app does: the model's fast sampler when it has one),
             ``fast`` or ``full`` (:attr:`engine.EditRequest.sampler`); the report records the
             sampler that ran. The text-only baseline always runs on the full sampler.
+        confine: ``none`` (default: the model's whole edit, what the model itself does) or
+            ``anatomy`` (what the app shows: the edit kept to the anatomy of the findings named,
+            :attr:`engine.EditRequest.confine`); the baselines are never confined.
         seed: master seed; each pair's seed is derived from it and the pair id.
         device, dtype: as for ``engine.load``.
         examples: rows in the figure grid (0: no figure).
@@ -112,6 +115,7 @@ class EvaluateConfig:
     image_guidance: float = 1.5
     scheduler: str = "ddim"
     sampler: str = "auto"
+    confine: str = "none"
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -134,6 +138,8 @@ class EvaluateConfig:
             raise InputError(f"--examples must be >= 0, not {self.examples}")
         if self.sampler not in ("auto", "fast", "full"):
             raise InputError(f"--sampler must be auto, fast or full, not {self.sampler!r}")
+        if self.confine not in ("none", "anatomy"):
+            raise InputError(f"--confine must be none or anatomy, not {self.confine!r}")
 
     @property
     def systems(self) -> tuple[str, ...]:
@@ -303,6 +309,7 @@ def generate(engine: Any, pairs: Sequence[PairData], config: EvaluateConfig) -> 
         EditRequest(
             pair.record.description, steps=config.steps, text_guidance=config.text_guidance,
             image_guidance=config.image_guidance, seed=pair.seed, scheduler=config.scheduler, sampler=config.sampler,
+            confine=config.confine,
         )
         for pair in pairs
     ]
@@ -315,7 +322,8 @@ def generate(engine: Any, pairs: Sequence[PairData], config: EvaluateConfig) -> 
     if "identity" in config.systems:
         images["identity"] = [prior.copy() for prior in priors]
     if "text-only" in config.systems:  # the student never learned the prior withheld: the full sampler
-        text_only = [replace(r, sampler="full", steps=None if config.sampler == "fast" else r.steps) for r in requests]
+        text_only = [replace(r, sampler="full", steps=None if config.sampler == "fast" else r.steps, confine="none")
+                     for r in requests]
         images["text-only"] = [cf.image for cf in engine.counterfactuals(xrays, text_only, withhold_prior=True)]
     if "exact" in config.systems:
         missing = [pair.record.pair_id for pair in pairs if pair.exact is None]
@@ -596,6 +604,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         "",
         f"{report['pairs']} pairs from `{report['config']['pairs']}`; model resolution {report['model']['resolution']} px; "
         f"sampler (steps): {', '.join(report['model'].get('sampler') or ['?'])}; "
+        f"confine: {report['config'].get('confine', 'none')}; "
         f"classifier: {report['networks']['classifier'] or 'none'}; segmenter: {report['networks']['segmenter'] or 'none'}.",
         "",
         "## Counterfactual generation (BiomedJourney, Table 1 layout)",
@@ -855,6 +864,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="denoising steps (default: the sampler's own, 4 fast or 20 full)")
     p.add_argument("--sampler", default="auto", choices=("auto", "fast", "full"),
                    help="auto (the app's: the model's fast sampler when it has one), fast or full (default auto)")
+    p.add_argument("--confine", default="none", choices=("none", "anatomy"),
+                   help="none (default: the model's whole edit) or anatomy (as the app shows it: the edit kept to "
+                        "the anatomy of the findings named; baselines never)")
     p.add_argument("--text-guidance", type=float, default=7.5, help="text guidance scale (default 7.5)")
     p.add_argument("--image-guidance", type=float, default=1.5, help="image guidance scale (default 1.5)")
     p.add_argument("--scheduler", default="ddim", help="ddim | euler_a | dpmpp (default ddim)")
@@ -876,7 +888,8 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
         model=args.model, pairs=args.pairs, out=args.out, limit=args.limit, baselines=baselines,
         batch_size=args.batch_size, split=args.split, classifier=args.classifier, segmenter=args.segmenter,
         race_age=args.race_age, xrv_cache=args.xrv_cache, steps=args.steps, text_guidance=args.text_guidance,
-        image_guidance=args.image_guidance, scheduler=args.scheduler, sampler=args.sampler, seed=args.seed,
+        image_guidance=args.image_guidance, scheduler=args.scheduler, sampler=args.sampler, confine=args.confine,
+        seed=args.seed,
         device=args.device,
         dtype=args.dtype, examples=args.examples, progress=not args.quiet,
     )

@@ -48,6 +48,8 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sampler", default="auto", choices=("auto", "fast", "full"),
                         help="the model's sampler (default: what the app runs, the fast one where the folder has it)")
+    parser.add_argument("--confine", default="anatomy", choices=("anatomy", "none"),
+                        help="anatomy (what the app runs: edits kept to the anatomy of the findings named) or none")
     args = parser.parse_args()
 
     import engine
@@ -62,7 +64,8 @@ def main() -> int:
         if not path.is_file():
             print(f"skipping {name}: {path} not found", file=sys.stderr)
             continue
-        cf = eng.counterfactual(read_xray(path), instruction, seed=args.seed, sampler=args.sampler)
+        cf = eng.counterfactual(read_xray(path), instruction, seed=args.seed, sampler=args.sampler,
+                                confine=args.confine)
         delta = cf.image - cf.prior
         row = ExampleRow(label=f"{path.name}: {instruction}", base=cf.prior)
         row.images = {"Prior": cf.prior, "Counterfactual (synthetic)": cf.image}
