@@ -121,14 +121,13 @@ class EditResult:
         notes = list(self.warnings)
         if self.prior_source == "simulated":
             notes.append("The prior is a simulated film (the project's phantom simulator), not a patient's radiograph.")
-        source = str((self.provenance.get("regions") or {}).get("source") or "")
-        if source.startswith("anatomy: "):
-            where = source.removeprefix("anatomy: ").replace("_", " ")
-            notes.append(f"The edit was kept to the anatomy of the findings named ({where}, found by the segmenter, "
-                         "grown and feathered); what the model changed elsewhere was left out. Region 'anywhere' "
-                         "shows the model's whole edit.")
         if self.analysis is not None:
             notes += list(self.analysis.notes)
+        source = str((self.provenance.get("regions") or {}).get("source") or "")
+        if source.startswith("anatomy: "):  # after the analysis' caveats: those must fit a DICOM's description
+            where = source.removeprefix("anatomy: ").replace("_", " ")
+            notes.append(f"The edit was kept to the anatomy named ({where}, from the segmenter, grown and "
+                         "feathered); the model's change elsewhere was left out (Region 'anywhere' shows it).")
         return notes
 
     def record(self) -> dict[str, Any]:

@@ -212,7 +212,7 @@ def test_region_choice_confines_edits_to_the_findings_anatomy_by_default(ws, ses
     confined = ws.edit(session, *edit_args())  # new right pleural effusion
     assert confined.provenance["request"]["confine"] == "anatomy"
     assert confined.provenance["regions"]["source"] == "anatomy: right_lung"
-    assert any("kept to the anatomy of the findings named (right lung" in n for n in confined.notes)
+    assert any("kept to the anatomy named (right lung" in n for n in confined.notes)
     assert ws.regions(session, None, REGION_ANYWHERE) is None and session.confine == "none"
     anywhere = ws.edit(session, *edit_args())
     assert anywhere.provenance["request"]["confine"] == "none" and anywhere.provenance.get("regions") is None
