@@ -18,6 +18,7 @@ follow it onto the model canvas.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,9 +52,8 @@ class Regions:
     Attributes:
         edit: where change is allowed (None: everywhere).
         keep: what must not change (None: nothing).
-        grow: on the canvas, the allowed region is grown by this fraction of its side.
-        feather: and then softened at its edge (Gaussian sigma, fraction of the side), so the
-            edit fades out instead of stopping at a line.
+        feather: on the canvas, the allowed region is softened at its edge (Gaussian sigma,
+            fraction of the side), so the edit fades out instead of stopping at a line.
         source: what the masks are (provenance), e.g. ``"anatomy: left_lung"``.
 
     Raises:
@@ -62,15 +62,12 @@ class Regions:
 
     edit: np.ndarray | None = None
     keep: np.ndarray | None = None
-    grow: float = 0.0
     feather: float = 0.0
     source: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("grow", "feather"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value <= 0.25:
-                raise InputError(f"{name} must be a fraction of the canvas from 0 to 0.25, not {value!r}")
+        if not isinstance(self.feather, (int, float)) or not 0.0 <= self.feather <= 0.25:
+            raise InputError(f"feather must be a fraction of the canvas from 0 to 0.25, not {self.feather!r}")
         object.__setattr__(self, "edit", as_mask(self.edit, "edit mask"))
         object.__setattr__(self, "keep", as_mask(self.keep, "keep mask"))
 
@@ -91,30 +88,23 @@ class Regions:
         return out
 
     def canvas(self, transform: SquareTransform) -> np.ndarray:
-        """``(S, S)`` float32 allowed mask on the model canvas (the padding counts as kept), grown
-        and feathered as set (values in [0, 1])."""
+        """``(S, S)`` float32 allowed mask on the model canvas (the padding counts as kept),
+        feathered as set (values in [0, 1])."""
         allowed = self.allowed(transform.input_shape)
-        mask = transform.apply(allowed) > 0.5
-        if not self.grow and not self.feather:
-            return mask.astype(np.float32)
+        mask = (transform.apply(allowed) > 0.5).astype(np.float32)
+        if not self.feather:
+            return mask
         from scipy import ndimage
 
-        size = mask.shape[0]
-        if self.grow:
-            radius = max(1, round(self.grow * size))
-            disk = np.hypot(*np.mgrid[-radius:radius + 1, -radius:radius + 1]) <= radius
-            mask = ndimage.binary_dilation(mask, structure=disk)
-        soft = mask.astype(np.float32)
-        if self.feather:
-            soft = ndimage.gaussian_filter(soft, self.feather * size)
+        soft = ndimage.gaussian_filter(mask, self.feather * mask.shape[0])
         inside = transform.apply(np.ones(transform.input_shape, np.float32)) > 0.5
         return np.clip(soft * inside, 0.0, 1.0).astype(np.float32)
 
     def summary(self) -> dict[str, Any]:
         """Area fractions and settings for provenance (no pixels)."""
         extra: dict[str, Any] = {}
-        if self.grow or self.feather:
-            extra.update(grow=self.grow, feather=self.feather)
+        if self.feather:
+            extra["feather"] = self.feather
         if self.source:
             extra["source"] = self.source
         return {
@@ -242,10 +232,10 @@ def finding_structures(instruction: str) -> dict[str, tuple[str, ...]] | None:
     return {kind: tuple(dict.fromkeys(names)) for kind, names in found.items()}
 
 
-_DEVICE_WORDS = __import__("re").compile(
+_DEVICE_WORDS = re.compile(
     r"\b(?:devices?|tubes?|lines?|catheters?|pacemakers?|pacer|icd|leads?|wires?|drains?|clips?|ports?"
     r"|electrodes?|ecg|ett|ng|picc|cvc|hardware|sutures?|stents?|valves?)\b",
-    __import__("re").IGNORECASE,
+    re.IGNORECASE,
 )
 
 
