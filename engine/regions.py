@@ -167,13 +167,24 @@ def structure_mask(segmenter: Any, image: np.ndarray, names: str | list[str], *,
         InputError: an unknown structure name (the message lists the known ones).
     """
     wanted = [names] if isinstance(names, str) else list(names)
+    out = np.zeros(image.shape, bool)
+    for mask in structure_masks(segmenter, image, wanted, dilate=dilate).values():
+        out |= mask
+    return out
+
+
+def structure_masks(segmenter: Any, image: np.ndarray, names: list[str], *, dilate: int = 0) -> dict[str, np.ndarray]:
+    """Each named structure as a bool mask on ``image``'s geometry, from one segmentation.
+
+    Arguments and errors as :func:`structure_mask`; the keys are the names as given.
+    """
     h, w = image.shape
     transform = None
     if h != w:  # segmenters take square images: letterbox, segment, map the masks back
         image, transform = to_square(image, STRUCTURE_CANVAS)
     masks = segmenter.segment(image[None])[0]
-    out = np.zeros(image.shape, bool)
-    for name in wanted:
+    out: dict[str, np.ndarray] = {}
+    for name in names:
         key = name.strip().lower().replace(" ", "_").replace("-", "_")
         if key not in masks:
             raise InputError(f"unknown structure {name!r}; the segmenter knows {', '.join(sorted(masks))}")
@@ -181,12 +192,10 @@ def structure_mask(segmenter: Any, image: np.ndarray, names: str | list[str], *,
         if m.shape != image.shape:
             t = torch.from_numpy(m.astype(np.float32))[None, None]
             m = F.interpolate(t, size=image.shape, mode="nearest")[0, 0].numpy() > 0.5
-        out |= m
-    if dilate > 0:
-        t = torch.from_numpy(out.astype(np.float32))[None, None]
-        out = F.max_pool2d(t, 2 * dilate + 1, stride=1, padding=dilate)[0, 0].numpy() > 0.5
-    if transform is not None:
-        out = transform.invert(out.astype(np.float32)) > 0.5
+        if dilate > 0:
+            t = torch.from_numpy(m.astype(np.float32))[None, None]
+            m = F.max_pool2d(t, 2 * dilate + 1, stride=1, padding=dilate)[0, 0].numpy() > 0.5
+        out[name] = m if transform is None else transform.invert(m.astype(np.float32)) > 0.5
     return out
 
 
@@ -255,10 +264,11 @@ def anatomy_regions(segmenter: Any, image: np.ndarray, instruction: str) -> Regi
     wanted = finding_structures(instruction)
     if wanted is None:
         return None
+    masks = structure_masks(segmenter, image, [name for structures in wanted.values() for name in structures])
     edit = np.zeros(image.shape, bool)
     names: list[str] = []
     for kind, structures in wanted.items():
-        mask = structure_mask(segmenter, image, list(structures))
+        mask = np.logical_or.reduce([masks[name] for name in structures])
         if not mask.any():
             continue
         edit |= _grown(mask, ANATOMY_GROW[kind])
