@@ -78,6 +78,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device-free", type=Path, default=None, metavar="FILE",
                    help="with --on-films: film ids (one per line) that show no devices; removal pairs are "
                         "made from these films only")
+    p.add_argument("--device-gain", default=None, metavar="LOW,HIGH",
+                   help="with --on-films: scale each rendered device set's contrast by a factor drawn from "
+                        "LOW-HIGH (default 1,1; e.g. 0.25,1 for a device detector: real leads are often faint)")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that already holds a dataset")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -139,6 +142,12 @@ def _run_on_films(args: argparse.Namespace, parser: argparse.ArgumentParser, out
         kwargs["edit_kinds"] = tuple(k.strip() for k in args.edit_kinds.split(",") if k.strip())
     if args.removal_devices is not None:
         kwargs["removal_devices"] = tuple(k.strip() for k in args.removal_devices.split(",") if k.strip())
+    if args.device_gain is not None:
+        try:
+            low, high = (float(v) for v in args.device_gain.split(","))
+        except ValueError:
+            parser.error(f"--device-gain must be LOW,HIGH (two numbers), not {args.device_gain!r}")
+        kwargs["device_gain"] = (low, high)
     try:
         config = FilmPairsConfig(films=str(args.on_films), out=str(out), size=args.size, seed=args.seed,
                                  edits_per_film=args.edits_per_film, masks=args.masks, segmenter=args.segmenter,

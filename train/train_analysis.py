@@ -236,7 +236,8 @@ def train_analysis(kind: str, data: list[str], eval_data: str | list[str] | None
                    batch_size: int = 32, lr: float = 2e-3, resolution: int = 256, widths: tuple[int, ...] = (32, 64, 128, 256),
                    groups: int = 8, pool: str = "avg", pos_weight: str = "none", loss_weights: dict[str, float] | None = None,
                    init_from: str | None = None, eval_every: int = 0, max_train_images: int = 0, seed: int = 0, device: str = "auto",
-                   log_every: int = 100, real_share: float = 0.0) -> dict[str, float]:
+                   log_every: int = 100, real_share: float = 0.0, targets: tuple[str, ...] | None = None,
+                   name: str | None = None) -> dict[str, float]:
     """Trains one small network and writes its folder; returns the held-out metrics.
 
     ``pool`` is the classifier's global pooling (``avg`` or ``avgmax``); ``pos_weight`` the
@@ -254,11 +255,25 @@ def train_analysis(kind: str, data: list[str], eval_data: str | list[str] | None
     others. ``eval_data`` may list several folders: the first one's metrics keep their names, a
     real-anatomy folder's are prefixed ``real/`` (the segmenter's measured on its plain films,
     one image per film as acquired; the classifier's on every image, over the labels each knows).
+
+    ``targets`` picks a segmenter's structures among the mask bits (default
+    :data:`SEGMENTER_TARGETS`; ``("devices",)`` trains the support-device detector) and ``name``
+    the model's name on its card (default ``cxr-segmenter-mini`` / ``cxr-classifier-mini``).
     """
     from engine.analysis import smallnet
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    targets = CLASSIFIER_TARGETS if kind == "classifier" else SEGMENTER_TARGETS
+    if kind == "classifier":
+        if targets and tuple(targets) != CLASSIFIER_TARGETS:
+            raise ValueError("the classifier's targets are fixed: " + ", ".join(CLASSIFIER_TARGETS))
+        targets = CLASSIFIER_TARGETS
+    else:
+        from train.simulator.anatomy import MASK_BITS
+
+        targets = tuple(targets or SEGMENTER_TARGETS)
+        unknown = [t for t in targets if t not in MASK_BITS]
+        if unknown:
+            raise ValueError(f"unknown segmenter targets {unknown}; the masks hold {', '.join(MASK_BITS)}")
     if init_from:
         net, _ = smallnet.load(init_from, kind=kind)
         config = net.config
@@ -350,9 +365,9 @@ def train_analysis(kind: str, data: list[str], eval_data: str | list[str] | None
         metrics = _evaluate_all(net, kind, held_sets, targets, config.input_range, dev)
         log.info("%s held-out: %s", kind, json.dumps(metrics))
     real_used = bool(is_real.any())
-    name = "cxr-classifier-mini" if kind == "classifier" else "cxr-segmenter-mini"
+    name = name or ("cxr-classifier-mini" if kind == "classifier" else "cxr-segmenter-mini")
     what = ("the five pathology findings, consolidation and support devices" if kind == "classifier"
-            else "anatomy masks: " + ", ".join(targets))
+            else ("masks: " if targets == ("devices",) else "anatomy masks: ") + ", ".join(targets))
     card = smallnet.SmallNetCard(
         name=name,
         training_data=(SIMULATED_DATA, *(REAL_DATA if real_used else ())),
@@ -434,6 +449,10 @@ def add_parser(subparsers) -> None:
                    help="classifier BCE positive weight from the label balance")
     p.add_argument("--loss-weight", action="append", default=[], metavar="STRUCTURE=W",
                    help="segmenter per-structure loss weight (repeatable), e.g. diaphragm=3")
+    p.add_argument("--targets", default=None, metavar="STRUCTURE[,STRUCTURE...]",
+                   help="segmenter structures among the mask bits (default the anatomy: "
+                        + ",".join(SEGMENTER_TARGETS) + "; 'devices' trains the support-device detector)")
+    p.add_argument("--name", default=None, help="model name on its card (default cxr-segmenter-mini / cxr-classifier-mini)")
     p.add_argument("--init-from", default=None, help="start from this model folder (fine-tuning)")
     p.add_argument("--eval-every", type=int, default=0, help="log held-out metrics every N steps")
     p.add_argument("--max-train-images", type=int, default=0, help="train on a random subset of this many images")
@@ -457,6 +476,8 @@ def run(args) -> int:
                              widths=tuple(int(w) for w in args.widths.split(",")), pool=args.pool,
                              pos_weight=args.pos_weight, loss_weights=weights or None, init_from=args.init_from,
                              eval_every=args.eval_every, max_train_images=args.max_train_images, seed=args.seed,
-                             device=args.device, real_share=args.real_share, log_every=args.log_every)
+                             device=args.device, real_share=args.real_share, log_every=args.log_every,
+                             targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None,
+                             name=args.name)
     print(json.dumps({"model": args.out, "metrics": metrics}))
     return 0

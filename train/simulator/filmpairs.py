@@ -81,6 +81,10 @@ class FilmPairsConfig:
         device_free: film ids known to show no devices (removal pairs are made from these only).
         edit_kinds: draw only these kinds (default all of ``EDIT_KINDS``).
         removal_devices: the devices a removal edit renders on its prior.
+        device_gain: ``(low, high)``: each rendered device set's contrast is scaled by a factor
+            drawn uniformly from this range (default ``(1, 1)``: as the renderer draws them). Real
+            leads and tubing are often fainter and thinner than the renderer's steel wires; a
+            device detector trained on a range sees them too.
         workers: processes.
     """
 
@@ -95,6 +99,7 @@ class FilmPairsConfig:
     device_free: tuple[str, ...] = ()
     edit_kinds: tuple[str, ...] | None = None
     removal_devices: tuple[str, ...] = ("ett", "ng_tube", "cvc", "ecg", "pacemaker", "icd", "chest_tube")
+    device_gain: tuple[float, float] = (1.0, 1.0)
     workers: int = 1
 
     def __post_init__(self) -> None:
@@ -110,6 +115,9 @@ class FilmPairsConfig:
             raise ValueError(f"splits must be among train, validate, test; got {', '.join(self.splits) or 'none'}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
+        low, high = self.device_gain
+        if not 0 < low <= high <= 2:
+            raise ValueError(f"device_gain must be LOW,HIGH with 0 < LOW <= HIGH <= 2, got {low},{high}")
 
 
 @dataclass(frozen=True)
@@ -177,9 +185,12 @@ def sample_film_edits(rng: np.random.Generator, text_rng: np.random.Generator, *
     A severity draw gives three edits (slight, moderate, large) of one finding on one side; a
     progression draw renders a finding on the prior and changes its grade or resolves it; a
     device draw renders 1-3 devices on the prior and removes them all (only on a device-free
-    film); ``none`` asks for no change. Cardiomegaly needs a trusted heart fit.
+    film); ``none`` asks for no change. Cardiomegaly needs a trusted heart fit. Empty when only
+    device removals are asked of a film that is not device-free.
     """
     allowed = [k for k in (kinds or EDIT_KINDS) if k != "devices" or device_free]
+    if not allowed:  # only device removals asked, and this film shows devices of its own
+        return []
     weights = np.array([EDIT_WEIGHTS[EDIT_KINDS.index(k)] for k in allowed])
     kind = str(rng.choice(allowed, p=weights / weights.sum()))
     names = [n for n in _FINDING_WEIGHTS if n != "cardiomegaly" or heart_ok]
@@ -329,6 +340,7 @@ def write_film_pairs(config: FilmPairsConfig, *, progress: Callable[[int, int], 
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "workers")}
     settings["films"] = Path(config.films).name  # no local path of this machine in the folder
     settings["device_free"] = len(config.device_free)
+    settings["device_gain"] = list(config.device_gain)
     hannover = (Path(config.films) / "data.csv").is_file() and (Path(config.films) / "png").is_dir()
     mask_sources = sorted({r["mask_source"] for r in rows if not r.get("skipped") and "mask_source" in r})
     _write_bytes(out / "simulation.json", (json.dumps({
@@ -376,19 +388,27 @@ def _film_job(job: tuple[FilmPairsConfig, int, Film]) -> tuple[dict[str, Any], l
     rng, text_rng = np.random.default_rng(edit_seq), np.random.default_rng(text_seq)
     patient = sample_patient(rng, patient_id=film.patient_id)
     device_free = film.film_id in set(config.device_free)
-    drawn = [sample_film_edits(rng, text_rng, kinds=config.edit_kinds, removal_devices=config.removal_devices,
-                               device_free=device_free, heart_ok=heart_ok) for _ in range(config.edits_per_film)]
+    drawn = [edits for _ in range(config.edits_per_film)
+             if (edits := sample_film_edits(rng, text_rng, kinds=config.edit_kinds, removal_devices=config.removal_devices,
+                                            device_free=device_free, heart_ok=heart_ok))]
     # Each distinct rendering is one image (the film as acquired is every "new ..." prior and every
     # removal or "no change" target): written, and later encoded by the trainer, once.
     renders: dict[tuple, tuple[str, Any]] = {}
     premises: dict[str, set[str]] = {}
 
+    # a device set's contrast factor (config.device_gain), drawn apart so the default draws nothing
+    gain_rng = np.random.default_rng([config.seed, index, 1])
+    gains: dict[tuple, float] = {}
+
     def image_for(visit: Visit, name: str) -> tuple[str, Any]:
         key = (visit.findings, visit.devices)
         if key not in renders:
             plain = not visit.findings.present() and not visit.devices
+            gain = 1.0
+            if visit.devices and config.device_gain != (1.0, 1.0):
+                gain = gains.setdefault(visit.devices, float(gain_rng.uniform(*config.device_gain)))
             renders[key] = (f"{film.film_id}-film" if plain else f"{film.film_id}-{name}",
-                            render_on_film(anatomy, visit.findings, visit.devices, patient))
+                            render_on_film(anatomy, visit.findings, visit.devices, patient, device_gain=gain))
             premises[renders[key][0]] = set()
         return renders[key]
 
@@ -481,6 +501,9 @@ def _write_film_image(config: FilmPairsConfig, film: Film, split: str, image_id:
         mask_known.append("heart")
     if mask_source == "segmenter":  # a segmenter's own output is no truth to train a segmenter on
         mask_known = []
+    if film.film_id in set(config.device_free):  # every device it shows is a rendered one
+        masks["devices"] = rendered.devices
+        mask_known.append("devices")
     bits = np.zeros(anatomy.image.shape, dtype=np.uint16)
     for name, mask in masks.items():
         bits |= (np.asarray(mask, dtype=np.uint16) << MASK_BITS[name]).astype(np.uint16)

@@ -694,6 +694,10 @@ _FILM_FINDINGS = {
 # Devices: the simulator's drawings, mapped onto the film's lungs
 
 
+DEVICE_MASK_CHANGE = 0.02
+"""Display change (of [0, 1]) from which a rendered device counts as shown in its mask: the faint
+PSF skirt of a wire is left out, so a device detector learns the line a reader sees."""
+
 DEVICE_GAIN = 0.2
 """Log-odds per cm water-equivalent of a device, per unit of the film's air contrast: a steel
 wire (5 x the simulator's RADIO_OPACITY) rises about three times as far above the lung as the
@@ -757,6 +761,8 @@ class FilmRender:
         heart: (S, S) bool heart mask (enlarged with cardiomegaly).
         lungs: (S, S) bool visible lung mask (the film's, less what an enlarged heart covers).
         cardiothoracic_ratio: of ``heart`` and the film's lungs.
+        devices: (S, S) bool, where a rendered device shows (raises the display value by at least
+            :data:`DEVICE_MASK_CHANGE`); empty without devices.
     """
 
     image: np.ndarray
@@ -764,10 +770,11 @@ class FilmRender:
     heart: np.ndarray
     lungs: np.ndarray
     cardiothoracic_ratio: float
+    devices: np.ndarray
 
 
 def render_on_film(a: FilmAnatomy, findings: Findings | None = None, devices: tuple[Device, ...] = (),
-                   patient: Patient | None = None) -> FilmRender:
+                   patient: Patient | None = None, device_gain: float = 1.0) -> FilmRender:
     """The film with ``findings`` and ``devices`` rendered in its log-odds (exact elsewhere).
 
     Args:
@@ -776,6 +783,7 @@ def render_on_film(a: FilmAnatomy, findings: Findings | None = None, devices: tu
         devices: devices to draw along the film's anatomy (needs ``patient``, whose canonical
             geometry the drawings follow before they are mapped onto the film).
         patient: the simulator patient of the device drawings.
+        device_gain: the devices' contrast as a multiple of :data:`DEVICE_GAIN`'s.
     """
     findings = findings or Findings()
     size = a.size
@@ -807,12 +815,15 @@ def render_on_film(a: FilmAnatomy, findings: Findings | None = None, devices: tu
     # markings fade only where there is air to replace (not on the spine, bones or hardware)
     unmark = np.clip(unmark, 0.0, 1.0) * np.clip(2.0 * a.air / a.contrast, 0.0, 1.0)
     delta = fill * a.air + own_fill + extra * a.contrast - unmark * a.markings
+    device_mask = np.zeros((size, size), dtype=bool)
     if devices:
         if patient is None:
             raise ValueError("devices need the simulator patient their drawings follow")
         field = device_field_on_film(a, patient, devices)
-        delta = delta + DEVICE_GAIN * a.contrast * field
+        device_delta = device_gain * DEVICE_GAIN * a.contrast * field
+        delta = delta + device_delta
         touched |= field > 1e-4
+        device_mask = (from_logit(a.logit + device_delta) - from_logit(a.logit) >= DEVICE_MASK_CHANGE) & a.content
     touched &= a.content
     image = a.image.copy()
     # the change in display value that the log-odds change makes (so a pixel the logit had to clip,
@@ -827,7 +838,7 @@ def render_on_film(a: FilmAnatomy, findings: Findings | None = None, devices: tu
     support = image != a.image
     lungs = a.lung_mask & ~heart
     return FilmRender(image=image, support=support, heart=heart, lungs=lungs,
-                      cardiothoracic_ratio=_ctr(heart, a.lung_mask))
+                      cardiothoracic_ratio=_ctr(heart, a.lung_mask), devices=device_mask)
 
 
 def change_support(prior: FilmRender, target: FilmRender) -> np.ndarray:
