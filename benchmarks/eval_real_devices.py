@@ -41,6 +41,9 @@ def main() -> int:
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sampler", default="auto", choices=("auto", "fast", "full"))
+    parser.add_argument("--devices", default="detect", choices=("detect", "model"),
+                        help="how a removal of every device is made (EditRequest.devices; default detect: "
+                             "detected and inpainted); a named device is always the model's")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
@@ -64,7 +67,8 @@ def main() -> int:
     t0 = time.perf_counter()
     for index, record in enumerate(records):
         pair = read_pair(index, record, folder, eng.card.resolution, images_by_id, args.seed)
-        cf = eng.counterfactual(pair.prior_xray, record.description, seed=pair.seed, sampler=args.sampler)
+        cf = eng.counterfactual(pair.prior_xray, record.description, seed=pair.seed, sampler=args.sampler,
+                                devices=args.devices)
         prior, image = cf.prior.astype(np.float64), cf.image.astype(np.float64)
         truth, mask = pair.followup.astype(np.float64), pair.region
         before = np.abs(prior - truth)[mask].sum()
@@ -73,6 +77,7 @@ def main() -> int:
         probs = analyst.analyse(cf.prior, cf.image).probabilities.get("Support Devices", (float("nan"),) * 2)
         rows.append({"pair": record.pair_id, "film": record.extra.get("film_id"), "description": record.description,
                      "devices": [c["name"] for c in record.extra.get("changes", []) if c.get("kind") == "device"],
+                     "how": str((cf.devices_removed or {}).get("method")),
                      "removed_share": round(share, 4), "removed": bool(share >= args.threshold),
                      "p_devices_prior": round(probs[0], 4), "p_devices_cf": round(probs[1], 4),
                      "psnr_outside_db": round(float(psnr(image, truth, mask=~mask)), 2)})
@@ -85,6 +90,8 @@ def main() -> int:
     summary = {"pairs": len(rows), "threshold": args.threshold, "removed": int(sum(r["removed"] for r in rows)),
                "removed_fraction": round(float(np.mean([r["removed"] for r in rows])), 3),
                "removed_share_median": round(float(np.nanmedian(shares)), 3),
+               "by_how": {how: f"{sum(r['removed'] for r in rows if r['how'] == how)}/{sum(r['how'] == how for r in rows)}"
+                          for how in sorted({r["how"] for r in rows})},
                "p_devices_cf_below_half": int(sum(r["p_devices_cf"] < 0.5 for r in rows)),
                "psnr_outside_median_db": round(float(np.median([r["psnr_outside_db"] for r in rows])), 2),
                "seconds": round(time.perf_counter() - t0, 1)}

@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
                            "e.g. the left lung for a left effusion, found by the bundled segmenter; devices and "
                            "'no change' are never confined) or none (the model's edit wherever it lands); "
                            "--edit-mask/--edit-structure/--keep-* replace it")
+    edit.add_argument("--devices", default="detect", choices=["detect", "model"],
+                      help="instruct: how 'without support devices' is made: detect (default: the bundled device "
+                           "detector's lines and tubes are inpainted, then the model makes the rest of the "
+                           "instruction) or model (the model's own edit); a named device ('ETT removed') is "
+                           "always the model's")
     edit.add_argument("--text-guidance", type=float, default=7.5, help="text guidance scale (both methods)")
     edit.add_argument("--image-guidance", type=float, default=1.5, help="instruct: image guidance scale")
     edit.add_argument("--scheduler", default="ddim", choices=["ddim", "euler_a", "dpmpp"], help="instruct only")
@@ -132,7 +137,7 @@ def _words(text: str) -> tuple[str, ...]:
 
 
 _INSTRUCT_ONLY = {"instruction": None, "severity": "none", "seed": None, "image_guidance": 1.5, "scheduler": "ddim",
-                  "sampler": "auto", "confine": "anatomy"}
+                  "sampler": "auto", "confine": "anatomy", "devices": "detect"}
 _INVERT_ONLY = {"source_prompt": None, "target_prompt": None, "inversion": "null-text", "word_weight": 1.0,
                 "weighted_words": "", "local_blend": "", "blend_threshold": 0.3, "cross_replace": 0.8,
                 "self_replace": 0.4, "edit_score": "none", "residual": False}
@@ -158,7 +163,7 @@ def _request(args: argparse.Namespace):
         return engine.EditRequest(
             instruction=args.instruction, severity=args.severity, steps=args.steps,
             text_guidance=args.text_guidance, image_guidance=args.image_guidance, seed=args.seed,
-            scheduler=args.scheduler, sampler=args.sampler, confine=args.confine,
+            scheduler=args.scheduler, sampler=args.sampler, confine=args.confine, devices=args.devices,
             **_detail_threshold(args.detail_threshold),
         ).validated()
     if not args.source_prompt or not args.target_prompt:

@@ -20,6 +20,7 @@ column                  meaning
 ``text_guidance``,
 ``image_guidance``,
 ``confine``,
+``devices``,
 ``inversion``
 ======================  ===================================================================
 
@@ -53,7 +54,8 @@ from typing import Any
 from engine.errors import InputError
 
 COLUMNS = ("id", "film", "method", "instruction", "source_caption", "target_caption", "severity", "seed", "sampler",
-           "steps", "text_guidance", "image_guidance", "confine", "inversion")
+           "steps", "text_guidance", "image_guidance", "confine", "devices",
+           "inversion")
 RESULT_COLUMNS = ("row", "id", "film", "method", "status", "output", "message", "seed", "sampler", "steps",
                   "instruction_applied", "model_hash", "seconds", "provenance")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -186,6 +188,7 @@ def instruct_request(job: Job):
         instruction=v["instruction"], severity=v.get("severity") or "none", steps=_number(v, "steps", int, None),
         text_guidance=_number(v, "text_guidance", float, 7.5), image_guidance=_number(v, "image_guidance", float, 1.5),
         seed=row_seed(job), sampler=v.get("sampler") or "auto", confine=v.get("confine") or "anatomy",
+        devices=v.get("devices") or "detect",
     ).validated()
 
 

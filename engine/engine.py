@@ -128,6 +128,7 @@ class Engine(InstructPath, InvertPath):
         self._lock = threading.Lock()
         self._anatomy_segmenter: Any = None  # loaded on the first confine="anatomy" edit
         self._anatomy: OrderedDict[tuple, Any] = OrderedDict()  # its regions by prior and anatomy
+        self._device_detector: Any = None  # loaded on the first "without support devices" (engine.devices)
         self._inversions: OrderedDict[tuple, Any] = OrderedDict()
         self.text_cache_size = TEXT_CACHE_SIZE  # 0 turns the embedding cache off (benchmarks)
         self._texts: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()

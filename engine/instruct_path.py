@@ -25,7 +25,7 @@ from engine.io import XRay
 from engine.records import Counterfactual, EditRequest
 from engine.regions import Regions, composite, latent_mask
 
-ANATOMY_CACHE_SIZE = 8  # confine="anatomy" regions kept by prior and anatomy (masks of the prior's size)
+ANATOMY_CACHE_SIZE = 8  # confine="anatomy" regions and device inpaintings kept by prior
 
 FULL_STEPS = 20  # the full sampler's default steps
 
@@ -155,7 +155,15 @@ class InstructPath:
         else:
             prepared = [self.prepare(images)] * len(requests)
             inputs = [images] * len(requests)
-        for i, r in enumerate(requests):  # confine="anatomy": the region of the findings named
+        originals = list(prepared)  # the results' priors: the film as given
+        # "without support devices": the detected devices are inpainted on the prior, and the model
+        # makes the rest of the instruction on that prior (engine.devices)
+        model_requests, removals = list(requests), [None] * len(requests)
+        for i, r in enumerate(requests):
+            model_requests[i], removals[i], canvas = self._remove_devices(r, prepared[i])
+            if canvas is not None:
+                prepared[i] = (canvas, prepared[i][1])
+        for i, r in enumerate(model_requests):  # confine="anatomy": the region of the findings named
             if item_regions[i] is None and r.confine == "anatomy":
                 item_regions[i] = self.anatomy_region(inputs[i], r.applied_instruction)
         results: dict[int, Counterfactual] = {}
@@ -164,7 +172,7 @@ class InstructPath:
             groups.setdefault((r.sampler, r.steps, r.scheduler, item_regions[i] is not None), []).append(i)
         with self._lock:
             for (sampler, steps, scheduler_name, constrained), index in groups.items():
-                batch = [requests[i] for i in index]
+                batch = [model_requests[i] for i in index]
                 priors = [prepared[i][0] for i in index]
                 allowed = None
                 if constrained:
@@ -172,13 +180,13 @@ class InstructPath:
                 outputs, timings = self._generate(priors, batch, steps, scheduler_name, withhold_prior, allowed,
                                                   fast=sampler == "fast")
                 for i, r, img in zip(index, batch, outputs):
-                    prior_np, transform = prepared[i]
+                    prior_np, transform = originals[i]
                     results[i] = Counterfactual(
                         image=img,
                         image_input=transform.invert(img),
                         prior=prior_np,
-                        request=r,
-                        instruction_applied=r.applied_instruction,
+                        request=requests[i],
+                        instruction_applied=requests[i].applied_instruction,
                         model_id=self.model_id,
                         model_hash=self.model_hash,
                         transform=transform,
@@ -188,6 +196,7 @@ class InstructPath:
                         prior_withheld=withhold_prior,
                         regions=None if item_regions[i] is None else item_regions[i].summary(),
                         sampler_note=notes[i],
+                        devices_removed=removals[i],
                     )
         return [results[i] for i in range(len(requests))]
 
@@ -210,19 +219,80 @@ class InstructPath:
             return None
         pixels = np.ascontiguousarray(image.pixels if isinstance(image, XRay) else np.asarray(image, np.float32))
         key = (hashlib.sha256(pixels.tobytes()).hexdigest(), pixels.shape, tuple(sorted(wanted.items())))
-        with self._lock:
-            if key in self._anatomy:
-                self._anatomy.move_to_end(key)
-                return self._anatomy[key]
+
+        def region() -> Regions | None:
             if self._anatomy_segmenter is None:
                 from engine.analysis.segmentation import load_segmenter
 
                 self._anatomy_segmenter = load_segmenter("auto")
-            region = anatomy_regions(self._anatomy_segmenter, pixels, instruction)
-            self._anatomy[key] = region
+            return anatomy_regions(self._anatomy_segmenter, pixels, instruction)
+
+        return self._cached_by_prior(key, region)
+
+    def _cached_by_prior(self, key: tuple, make: Any) -> Any:
+        """``make()``, kept under ``key`` among the last :data:`ANATOMY_CACHE_SIZE` per-prior
+        results (anatomy regions, inpainted canvases); made under the Engine's lock."""
+        with self._lock:
+            if key in self._anatomy:
+                self._anatomy.move_to_end(key)
+                return self._anatomy[key]
+            value = make()
+            self._anatomy[key] = value
             while len(self._anatomy) > ANATOMY_CACHE_SIZE:
                 self._anatomy.popitem(last=False)
-            return region
+            return value
+
+    def _remove_devices(self, request: EditRequest, prepared: tuple[np.ndarray, Any]
+                        ) -> tuple[EditRequest, dict[str, Any] | None, np.ndarray | None]:
+        """A device removal of ``request`` (:mod:`engine.devices`) on its letterboxed prior.
+
+        Returns:
+            ``(request the model makes, record, canvas)``: with ``devices="detect"`` and every
+            device removed, the model's request is the rest of the instruction (or "no interval
+            change") and ``canvas`` the prior with the detected devices inpainted; a named
+            device is left to the model (record with a note, canvas None); no removal: the
+            request unchanged, None, None.
+        """
+        from engine.devices import NO_CHANGE, device_removal
+
+        removal = device_removal(request.applied_instruction)
+        if removal.scope == "none":
+            return request, None, None
+        if request.devices == "model":
+            return request, {"method": "model", "note": "devices='model': the model's own edit"}, None
+        if removal.scope == "named":
+            return request, {"method": "model", "note": (
+                "a named device is removed by the model (the device detector does not tell device kinds "
+                "apart); 'without support devices' removes every detected device")}, None
+        canvas, transform = prepared
+        filled, area = self.devices_inpainted(canvas, transform)
+        rest = removal.rest or NO_CHANGE
+        model_request = replace(request, instruction=rest, severity="none")
+        record = {"method": "detect+inpaint", "detector": self._device_detector.name,
+                  "inpainting": "biharmonic", "area": round(area, 5), "model_instruction": rest}
+        return model_request, record, filled
+
+    def devices_inpainted(self, canvas: np.ndarray, transform: Any) -> tuple[np.ndarray, float]:
+        """``canvas`` (a letterboxed prior) with the bundled detector's devices inpainted, and the
+        inpainted fraction of the canvas; kept by prior like :meth:`anatomy_region`'s regions.
+
+        Raises:
+            InputError: no device detector is installed (the message says what to place where).
+        """
+        import hashlib
+
+        from engine.devices import device_mask, inpaint, load_device_detector
+
+        canvas = np.ascontiguousarray(canvas, dtype=np.float32)
+        key = ("devices", hashlib.sha256(canvas.tobytes()).hexdigest(), canvas.shape)
+
+        def inpainted() -> tuple[np.ndarray, float]:
+            if self._device_detector is None:
+                self._device_detector = load_device_detector("auto")
+            mask = device_mask(self._device_detector, canvas, transform.content_mask())
+            return inpaint(canvas, mask), float(mask.mean())
+
+        return self._cached_by_prior(key, inpainted)
 
     def _generate(
         self, priors: list[np.ndarray], batch: list[EditRequest], steps: int, scheduler_name: str,

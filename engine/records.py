@@ -25,6 +25,8 @@ SAMPLERS = ("auto", "fast", "full")
 CONFINES = ("none", "anatomy")
 """``EditRequest.confine``: ``anatomy`` keeps the edit inside the anatomy of the findings the
 instruction names (:func:`engine.regions.anatomy_regions`); ``none`` lets it reach anywhere."""
+DEVICE_MODES = ("detect", "model")
+"""``EditRequest.devices``: how "without support devices" is made (:mod:`engine.devices`)."""
 MAX_INSTRUCTION_CHARS = 1000
 SYNTHETIC_LABEL = "SYNTHETIC - research use only, not for diagnosis"
 DETAIL_THRESHOLD = 0.04  # a change model's output is the decoded edit where the decoded change exceeds this
@@ -100,6 +102,12 @@ class EditRequest:
             (:mod:`engine.regions`). Devices and "no change" are never confined. Explicit
             ``regions`` given to :meth:`Engine.counterfactuals` take precedence. The workstation
             and the command line default to ``anatomy``.
+        devices: how a removal of every device ("without support devices", "lines and tubes
+            removed") is made: ``detect`` (the default: the bundled device detector marks the
+            devices on the prior and they are inpainted from the film around them; the model
+            then makes the rest of the instruction, or no change, on that prior;
+            :mod:`engine.devices`) or ``model`` (the model's own edit). A named device ("ETT
+            removed") is always the model's: the detector does not tell device kinds apart.
     """
 
     instruction: str
@@ -112,6 +120,7 @@ class EditRequest:
     detail_threshold: float | None = DETAIL_THRESHOLD
     sampler: str = "auto"
     confine: str = "none"
+    devices: str = "detect"
 
     def validated(self) -> EditRequest:
         """Checks every field and returns the request with a seed filled in.
@@ -131,6 +140,8 @@ class EditRequest:
             raise InputError(f"sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}")
         if self.confine not in CONFINES:
             raise InputError(f"confine must be one of {', '.join(CONFINES)}, not {self.confine!r}")
+        if self.devices not in DEVICE_MODES:
+            raise InputError(f"devices must be one of {', '.join(DEVICE_MODES)}, not {self.devices!r}")
         for name in ("text_guidance", "image_guidance"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not np.isfinite(value) or not 0 <= value <= 50:
@@ -158,7 +169,9 @@ class Counterfactual:
         image_input: ``(H, W)`` float32 in [0, 1], mapped back onto the input's geometry.
         prior: ``(S, S)`` the prior exactly as the model saw it.
         request: the request as applied (seed filled in).
-        instruction_applied: the text the model received (after the severity rule).
+        instruction_applied: the instruction after the severity rule: the text the model
+            received, except where devices were removed by detection (``devices_removed``
+            then records the rest the model made).
         model_id: the model's hub id or folder name (never a local path).
         model_hash: sha256 of the model folder.
         transform: how the input was letterboxed onto the model canvas.
@@ -169,6 +182,10 @@ class Counterfactual:
         regions: area fractions of the edit/keep masks the edit was confined by, or None.
         sampler_note: why ``auto`` chose the full sampler on a model that has a fast one (None
             otherwise).
+        devices_removed: how a device removal was made (``method``: ``detect+inpaint`` with the
+            ``detector``, the detected ``area`` fraction of the canvas and what the model was
+            then asked; or ``model`` with a ``note`` why), None when the instruction removes no
+            device.
         synthetic: always True: this image was generated.
     """
 
@@ -186,6 +203,7 @@ class Counterfactual:
     prior_withheld: bool = False
     regions: dict[str, float | None] | None = None
     sampler_note: str | None = None
+    devices_removed: dict[str, Any] | None = None
     synthetic: bool = True
 
     @property
@@ -217,6 +235,8 @@ class Counterfactual:
         }
         if self.regions is not None:
             record["regions"] = self.regions
+        if self.devices_removed is not None:
+            record["devices_removed"] = self.devices_removed
         return record
 
 

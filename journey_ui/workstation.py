@@ -128,6 +128,13 @@ class EditResult:
             where = source.removeprefix("anatomy: ").replace("_", " ")
             notes.append(f"The edit was kept to the anatomy named ({where}, from the segmenter, grown and "
                          "feathered); the model's change elsewhere was left out (Region 'anywhere' shows it).")
+        devices = self.provenance.get("devices_removed") or {}
+        if devices.get("method") == "detect+inpaint":
+            notes.append(f"Devices: the detector's lines and tubes ({100 * float(devices.get('area', 0)):.1f} % of the "
+                         "film) were inpainted from the film around them, then the model made "
+                         f"'{devices.get('model_instruction', '')}'; a device the detector missed stays.")
+        elif devices.get("note"):
+            notes.append(f"Devices: {devices['note']}.")
         return notes
 
     def record(self) -> dict[str, Any]:

@@ -91,6 +91,7 @@ def test_a_folder_of_edits_with_bad_rows_reported(fast_model, tmp_path):
     prov = json.loads(rows[0]["provenance"])
     assert prov["seed"] == 3 and prov["sampler"]["path"] == "fast" and prov["synthetic"]
     assert prov["request"]["confine"] == "anatomy"  # batch confines by default, as edit and the app do
+    assert prov["request"]["devices"] == "detect"  # and removes every device by detection
     with Image.open(out / "row-00001.png") as im:
         assert json.loads(im.text["cxr-journey"])["batch_row"] == {"row": 1, "id": "row-00001"}
     seeds = {r["id"]: r["seed"] for r in rows[:3]}

@@ -94,7 +94,7 @@ def test_exact_baseline_is_the_simulators_counterfactual(tiny_model, sim_pairs, 
                                examples=0, progress=False)
     report = ev.evaluate(config)
     assert report["systems"] == ["model", "identity", "exact", "latent-ceiling"]
-    assert "confine: none" in ev.markdown_report(report)  # the model's whole edit unless asked
+    assert "confine: none; devices: model" in ev.markdown_report(report)  # the model's whole edit unless asked
     for row in report["rows"]:
         exact = row["systems"]["exact"]
         assert exact["l1_exact"] == 0.0 and exact["ssim_out"] == pytest.approx(1.0)
@@ -131,6 +131,8 @@ def test_config_validation_and_outputs():
         ev.EvaluateConfig(model="m", pairs="p", out="o", limit=0)
     with pytest.raises(InputError, match="--confine"):
         ev.EvaluateConfig(model="m", pairs="p", out="o", confine="lungs")
+    with pytest.raises(InputError, match="--devices"):
+        ev.EvaluateConfig(model="m", pairs="p", out="o", devices="erase")
     cfg = ev.EvaluateConfig(model="m", pairs="p", out="dir/REPORT.json", baselines=("text-only",))
     assert cfg.systems == ("model", "text-only")
     assert [p.name for p in cfg.outputs()] == ["REPORT.json", "REPORT.md", "REPORT.png"]

@@ -93,6 +93,9 @@ class EvaluateConfig:
         confine: ``none`` (default: the model's whole edit, what the model itself does) or
             ``anatomy`` (what the app shows: the edit kept to the anatomy of the findings named,
             :attr:`engine.EditRequest.confine`); the baselines are never confined.
+        devices: how a removal of every device is made: ``model`` (default: the model's own
+            edit) or ``detect`` (what the app runs: detected devices inpainted, then the model;
+            :attr:`engine.EditRequest.devices`).
         seed: master seed; each pair's seed is derived from it and the pair id.
         device, dtype: as for ``engine.load``.
         examples: rows in the figure grid (0: no figure).
@@ -116,6 +119,7 @@ class EvaluateConfig:
     scheduler: str = "ddim"
     sampler: str = "auto"
     confine: str = "none"
+    devices: str = "model"
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -140,6 +144,8 @@ class EvaluateConfig:
             raise InputError(f"--sampler must be auto, fast or full, not {self.sampler!r}")
         if self.confine not in ("none", "anatomy"):
             raise InputError(f"--confine must be none or anatomy, not {self.confine!r}")
+        if self.devices not in ("model", "detect"):
+            raise InputError(f"--devices must be model or detect, not {self.devices!r}")
 
     @property
     def systems(self) -> tuple[str, ...]:
@@ -309,7 +315,7 @@ def generate(engine: Any, pairs: Sequence[PairData], config: EvaluateConfig) -> 
         EditRequest(
             pair.record.description, steps=config.steps, text_guidance=config.text_guidance,
             image_guidance=config.image_guidance, seed=pair.seed, scheduler=config.scheduler, sampler=config.sampler,
-            confine=config.confine,
+            confine=config.confine, devices=config.devices,
         )
         for pair in pairs
     ]
@@ -322,8 +328,8 @@ def generate(engine: Any, pairs: Sequence[PairData], config: EvaluateConfig) -> 
     if "identity" in config.systems:
         images["identity"] = [prior.copy() for prior in priors]
     if "text-only" in config.systems:  # the student never learned the prior withheld: the full sampler
-        text_only = [replace(r, sampler="full", steps=None if config.sampler == "fast" else r.steps, confine="none")
-                     for r in requests]
+        text_only = [replace(r, sampler="full", steps=None if config.sampler == "fast" else r.steps, confine="none",
+                             devices="model") for r in requests]
         images["text-only"] = [cf.image for cf in engine.counterfactuals(xrays, text_only, withhold_prior=True)]
     if "exact" in config.systems:
         missing = [pair.record.pair_id for pair in pairs if pair.exact is None]
@@ -604,7 +610,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         "",
         f"{report['pairs']} pairs from `{report['config']['pairs']}`; model resolution {report['model']['resolution']} px; "
         f"sampler (steps): {', '.join(report['model'].get('sampler') or ['?'])}; "
-        f"confine: {report['config'].get('confine', 'none')}; "
+        f"confine: {report['config'].get('confine', 'none')}; devices: {report['config'].get('devices', 'model')}; "
         f"classifier: {report['networks']['classifier'] or 'none'}; segmenter: {report['networks']['segmenter'] or 'none'}.",
         "",
         "## Counterfactual generation (BiomedJourney, Table 1 layout)",
@@ -867,6 +873,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--confine", default="none", choices=("none", "anatomy"),
                    help="none (default: the model's whole edit) or anatomy (as the app shows it: the edit kept to "
                         "the anatomy of the findings named; baselines never)")
+    p.add_argument("--devices", default="model", choices=("model", "detect"),
+                   help="model (default: the model's own device removal) or detect (as the app runs it: the "
+                        "device detector's lines inpainted, then the model makes the rest)")
     p.add_argument("--text-guidance", type=float, default=7.5, help="text guidance scale (default 7.5)")
     p.add_argument("--image-guidance", type=float, default=1.5, help="image guidance scale (default 1.5)")
     p.add_argument("--scheduler", default="ddim", help="ddim | euler_a | dpmpp (default ddim)")
@@ -889,7 +898,7 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
         batch_size=args.batch_size, split=args.split, classifier=args.classifier, segmenter=args.segmenter,
         race_age=args.race_age, xrv_cache=args.xrv_cache, steps=args.steps, text_guidance=args.text_guidance,
         image_guidance=args.image_guidance, scheduler=args.scheduler, sampler=args.sampler, confine=args.confine,
-        seed=args.seed,
+        devices=args.devices, seed=args.seed,
         device=args.device,
         dtype=args.dtype, examples=args.examples, progress=not args.quiet,
     )

@@ -50,6 +50,9 @@ def main() -> int:
                         help="the model's sampler (default: what the app runs, the fast one where the folder has it)")
     parser.add_argument("--confine", default="anatomy", choices=("anatomy", "none"),
                         help="anatomy (what the app runs: edits kept to the anatomy of the findings named) or none")
+    parser.add_argument("--removal", default="detect", choices=("detect", "model"),
+                        help="how 'without support devices' is made (EditRequest.devices): detect (what the app "
+                             "runs: the device detector's lines inpainted) or model (the model's own edit)")
     args = parser.parse_args()
 
     import engine
@@ -65,7 +68,7 @@ def main() -> int:
             print(f"skipping {name}: {path} not found", file=sys.stderr)
             continue
         cf = eng.counterfactual(read_xray(path), instruction, seed=args.seed, sampler=args.sampler,
-                                confine=args.confine)
+                                confine=args.confine, devices=args.removal)
         delta = cf.image - cf.prior
         row = ExampleRow(label=f"{path.name}: {instruction}", base=cf.prior)
         row.images = {"Prior": cf.prior, "Counterfactual (synthetic)": cf.image}
