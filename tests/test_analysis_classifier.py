@@ -62,7 +62,7 @@ def test_small_classifier_folder_round_trip(tmp_path):
     assert config["kind"] == "classifier" and config["targets"] == list(FIVE) and config["input_range"] == [-1.0, 1.0]
     loaded = clf.SmallClassifier.load(folder)
     x = torch.rand(3, 1, 48, 48, generator=torch.Generator().manual_seed(0))
-    np.testing.assert_allclose(loaded.predict(x), c.predict(x), atol=1e-6)
+    np.testing.assert_allclose(loaded.predict(x), c.predict(x), atol=2e-3)  # weights stored in fp16
     p = loaded.predict(x)
     assert p.shape == (3, 5) and p.dtype == np.float32 and (p >= 0).all() and (p <= 1).all()
     assert loaded.targets == FIVE and loaded.name == "tiny"
@@ -87,7 +87,7 @@ def test_avgmax_pool_round_trips_and_old_folders_default_to_avg(tmp_path):
     assert json.loads((folder / "config.json").read_text())["pool"] == "avgmax"
     loaded = clf.SmallClassifier.load(folder)
     x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    np.testing.assert_allclose(loaded.predict(x), c.predict(x), atol=1e-6)
+    np.testing.assert_allclose(loaded.predict(x), c.predict(x), atol=2e-3)  # weights stored in fp16
     # a folder written before the option (no "pool" key) still loads, with average pooling
     old = tiny_classifier(seed=1).save(tmp_path / "old")
     cfg = json.loads((old / "config.json").read_text())

@@ -32,12 +32,40 @@ def cardiomegaly_pair():
     return prior, cf
 
 
+def test_mirror_averages_each_structure_with_its_mirrored_side():
+    """probabilities(mirror=True) averages each sided structure with the mirror's other side."""
+
+    class Halves(seg.Segmenter):
+        name, structures, input_resolution, device = "halves", ("left_lung", "right_lung", "heart"), 8, torch.device("cpu")
+
+        def logits(self, x01):  # left_lung: the image's right half; right_lung: its left half
+            out = torch.full((x01.shape[0], 3, 8, 8), -20.0)
+            out[:, 0, :, 4:] = 20.0 + 10 * x01[:, 0, :, 4:]
+            out[:, 1, :, :4] = 20.0
+            out[:, 2, :, :3] = 20.0  # a heart on the image's left edge, whatever the film
+            return out
+
+    s = Halves()
+    assert s.mirror_order() == [1, 0, 2]
+    img = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain, mirrored = s.probabilities(img, mirror=False), s.probabilities(img)
+    torch.testing.assert_close(mirrored, plain)  # a consistent segmenter agrees with its mirror
+    assert mirrored[0, 0, :, 4:].min() > 0.99 and mirrored[0, 0, :, :4].max() < 0.01
+    # an unpaired structure keeps the film's own prediction (a mirrored heart is not averaged in)
+    torch.testing.assert_close(mirrored[:, 2], plain[:, 2])
+    assert mirrored[0, 2, :, 5:].max() < 0.01
+
+
 def test_small_segmenter_round_trip_and_mask_dicts(tmp_path):
     s = tiny_segmenter(seed=2)
     folder = s.save(tmp_path / "seg")
     loaded = seg.SmallSegmenter.load(folder)
     x = torch.rand(2, 1, 48, 48, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(loaded.probabilities(x), s.probabilities(x))
+    # weights are stored in fp16 (half the bytes): the outputs move by about 1e-3 at most
+    torch.testing.assert_close(loaded.probabilities(x), s.probabilities(x), atol=2e-3, rtol=0)
+    from safetensors.torch import load_file
+
+    assert all(v.dtype == torch.float16 for v in load_file(str(folder / "model.safetensors")).values())
     masks = loaded.segment(x)
     assert len(masks) == 2 and list(masks[0]) == list(STRUCTURES)
     assert all(m.dtype == bool and m.shape == (48, 48) for m in masks[0].values())
@@ -112,7 +140,8 @@ def test_xrv_segmenter_feeds_the_package_its_range():
     img = np.zeros((64, 64), np.float32)
     img[0, 0] = 1.0
     masks = s.segment(img)
-    assert seen["range"][:2] == (-1024.0, 1024.0) and seen["range"][2] == (1, 1, 512, 512)
+    # the film and its mirror (Segmenter.probabilities' test-time mirror) in one call
+    assert seen["range"][:2] == (-1024.0, 1024.0) and seen["range"][2] == (2, 1, 512, 512)
     assert masks[0]["heart"].shape == (64, 64) and not masks[0]["heart"].any()
 
 

@@ -260,6 +260,9 @@ def build(config: SmallNetConfig, generator: torch.Generator | None = None) -> n
 def save(net: nn.Module, folder: str | os.PathLike[str], card: SmallNetCard) -> Path:
     """Writes ``config.json``, ``model.safetensors`` and ``card.json`` into ``folder``.
 
+    The weights are stored in fp16 (:func:`load` builds the network in fp32 and upcasts them):
+    half the bytes in the repository, while the outputs move by about 1e-3 in probability.
+
     Returns:
         The folder.
     """
@@ -269,7 +272,8 @@ def save(net: nn.Module, folder: str | os.PathLike[str], card: SmallNetCard) -> 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_NAME).write_text(json.dumps(config.to_json(), indent=2) + "\n")
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    state = {k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in net.state_dict().items()}
     save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "kind": config.kind})
     (out / CARD_NAME).write_text(json.dumps(card.to_json(), indent=2) + "\n")
     return out
