@@ -113,6 +113,11 @@ def test_devices_follow_the_film_and_brighten_it(anatomy):
     assert ys.min() < lung_rows[0] + 0.5 * (lung_rows[-1] - lung_rows[0])
     with pytest.raises(ValueError, match="patient"):
         render_on_film(anatomy, Findings(), devices)
+    # the devices' mask: where they visibly brighten the film; fainter with a lower gain
+    assert out.devices.any() and not out.devices[delta < 0.02].any() and (delta[out.devices] >= 0.02).all()
+    faint = render_on_film(anatomy, Findings(), devices, patient, device_gain=0.3)
+    assert (faint.image - anatomy.image).sum() < 0.8 * delta.sum()  # (a steel wire saturates either way)
+    assert faint.devices.sum() < out.devices.sum() and not render_on_film(anatomy).devices.any()
 
 
 def test_bad_masks_are_refused(film):
@@ -217,6 +222,27 @@ def test_removal_pairs_only_on_device_free_films(tmp_path):
     kinds = {(p.extra["film_id"], p.extra["edit"]) for p in read_pairs(out / "pairs.jsonl")}
     assert ("film1", "devices") in kinds
     assert ("film0", "devices") not in kinds and ("film0", "none") in kinds
+    # on the device-free film every device is a rendered one: its mask bit is written and known
+    from PIL import Image
+
+    from train.manifest import read_images
+    from train.simulator.anatomy import MASK_BITS
+
+    images = {r.image_id: r for r in read_images(out / "images.jsonl")}
+    priors = [p for p in read_pairs(out / "pairs.jsonl") if p.extra["edit"] == "devices"]
+    for p in priors:
+        record = images[p.prior_id]
+        assert "devices" in record.extra["mask_known"]
+        bits = np.asarray(Image.open(out / record.extra["mask_path"])).astype(np.int64)
+        assert ((bits >> MASK_BITS["devices"]) & 1).any()
+    assert all("devices" not in (r.extra.get("mask_known") or []) for r in images.values() if r.extra["film_id"] == "film0")
+    # only removals asked: the film with devices of its own gets none; --device-gain varies the contrast
+    only = tmp_path / "only"
+    write_film_pairs(FilmPairsConfig(films=str(films), out=str(only), size=128, masks=str(masks), edits_per_film=3,
+                                     edit_kinds=("devices",), device_free=("film1",), device_gain=(0.2, 0.5)))
+    assert {p.extra["film_id"] for p in read_pairs(only / "pairs.jsonl")} == {"film1"}
+    with pytest.raises(ValueError, match="device_gain"):
+        FilmPairsConfig(films=str(films), out=str(only), device_gain=(0.5, 0.2))
 
 
 def test_analysis_nets_learn_only_what_a_real_film_knows(tmp_path):
@@ -247,6 +273,15 @@ def test_analysis_nets_learn_only_what_a_real_film_knows(tmp_path):
                              resolution=64, widths=(8, 16), groups=4, device="cpu", real_share=0.5)
     assert "real/dice/left_lung" in metrics and "real/dice/spine" not in metrics
     assert metrics["real/heldout_images"] == 3  # one plain image per film
+    # a device detector: one "devices" channel, named on its card; unknown targets are refused
+    from engine.analysis import smallnet
+
+    train_analysis("segmenter", [str(out)], None, str(tmp_path / "dev"), steps=2, batch_size=2, resolution=64,
+                   widths=(8, 16), groups=4, device="cpu", targets=("devices",), name="cxr-devices-test")
+    net, card = smallnet.load(tmp_path / "dev", kind="segmenter")
+    assert tuple(net.config.targets) == ("devices",) and card.name == "cxr-devices-test"
+    with pytest.raises(ValueError, match="unknown segmenter targets"):
+        train_analysis("segmenter", [str(out)], None, str(tmp_path / "bad"), steps=2, targets=("tubes",))
     card = json.loads((tmp_path / "seg" / "card.json").read_text())
     assert any("Hannover" in d["name"] for d in card["training_data"])
 

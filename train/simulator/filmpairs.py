@@ -396,9 +396,8 @@ def _film_job(job: tuple[FilmPairsConfig, int, Film]) -> tuple[dict[str, Any], l
     renders: dict[tuple, tuple[str, Any]] = {}
     premises: dict[str, set[str]] = {}
 
-    # a device set's contrast factor (config.device_gain), drawn apart so the default draws nothing
+    # each device rendering's contrast factor (config.device_gain), drawn apart so the default draws nothing
     gain_rng = np.random.default_rng([config.seed, index, 1])
-    gains: dict[tuple, float] = {}
 
     def image_for(visit: Visit, name: str) -> tuple[str, Any]:
         key = (visit.findings, visit.devices)
@@ -406,7 +405,7 @@ def _film_job(job: tuple[FilmPairsConfig, int, Film]) -> tuple[dict[str, Any], l
             plain = not visit.findings.present() and not visit.devices
             gain = 1.0
             if visit.devices and config.device_gain != (1.0, 1.0):
-                gain = gains.setdefault(visit.devices, float(gain_rng.uniform(*config.device_gain)))
+                gain = float(gain_rng.uniform(*config.device_gain))
             renders[key] = (f"{film.film_id}-film" if plain else f"{film.film_id}-{name}",
                             render_on_film(anatomy, visit.findings, visit.devices, patient, device_gain=gain))
             premises[renders[key][0]] = set()
