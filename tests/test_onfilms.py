@@ -118,6 +118,20 @@ def test_devices_follow_the_film_and_brighten_it(anatomy):
     faint = render_on_film(anatomy, Findings(), devices, patient, device_gain=0.3)
     assert (faint.image - anatomy.image).sum() < 0.8 * delta.sum()  # (a steel wire saturates either way)
     assert faint.devices.sum() < out.devices.sum() and not render_on_film(anatomy).devices.any()
+    # each shown device pixel names its kind: the ETT's along the midline, the pacemaker's on the left
+    from train.simulator.anatomy import DEVICE_KIND_LABELS
+
+    kinds = out.device_kinds
+    assert ((kinds > 0) == out.devices).all()
+    assert set(np.unique(kinds[out.devices])) == {DEVICE_KIND_LABELS["ett"], DEVICE_KIND_LABELS["pacemaker"]}
+    ett_cols = np.nonzero(kinds == DEVICE_KIND_LABELS["ett"])[1]
+    pm_cols = np.nonzero(kinds == DEVICE_KIND_LABELS["pacemaker"])[1]
+    lung_cols = np.nonzero(anatomy.lung_mask.any(axis=0))[0]
+    midline = 0.5 * (lung_cols[0] + lung_cols[-1])
+    assert abs(np.median(ett_cols) - midline) < 0.08 * anatomy.size  # down the trachea
+    assert np.median(pm_cols) > midline  # the patient's left pocket: the image's right
+    alone = render_on_film(anatomy, Findings(), devices[:1], patient)
+    assert set(np.unique(alone.device_kinds[alone.devices])) == {DEVICE_KIND_LABELS["ett"]}
 
 
 def test_bad_masks_are_refused(film):
@@ -226,7 +240,7 @@ def test_removal_pairs_only_on_device_free_films(tmp_path):
     from PIL import Image
 
     from train.manifest import read_images
-    from train.simulator.anatomy import MASK_BITS
+    from train.simulator.anatomy import DEVICE_KIND_TARGETS, MASK_BITS, structure_mask
 
     images = {r.image_id: r for r in read_images(out / "images.jsonl")}
     priors = [p for p in read_pairs(out / "pairs.jsonl") if p.extra["edit"] == "devices"]
@@ -235,6 +249,12 @@ def test_removal_pairs_only_on_device_free_films(tmp_path):
         assert "devices" in record.extra["mask_known"]
         bits = np.asarray(Image.open(out / record.extra["mask_path"])).astype(np.int64)
         assert ((bits >> MASK_BITS["devices"]) & 1).any()
+        # the kind bits: every shown device pixel has the kind of one of the prior's devices
+        assert set(DEVICE_KIND_TARGETS) <= set(record.extra["mask_known"])
+        shown = structure_mask(bits, "devices")
+        kinds = {t for t in DEVICE_KIND_TARGETS if structure_mask(bits, t).any()}
+        assert (np.logical_or.reduce([structure_mask(bits, t) for t in DEVICE_KIND_TARGETS]) == shown).all()
+        assert kinds == {f"device_{'pacemaker' if d['kind'] == 'icd' else d['kind']}" for d in record.extra["devices"]}
     assert all("devices" not in (r.extra.get("mask_known") or []) for r in images.values() if r.extra["film_id"] == "film0")
     # only removals asked: the film with devices of its own gets none; --device-gain varies the contrast
     only = tmp_path / "only"
@@ -282,6 +302,21 @@ def test_analysis_nets_learn_only_what_a_real_film_knows(tmp_path):
     assert tuple(net.config.targets) == ("devices",) and card.name == "cxr-devices-test"
     with pytest.raises(ValueError, match="unknown segmenter targets"):
         train_analysis("segmenter", [str(out)], None, str(tmp_path / "bad"), steps=2, targets=("tubes",))
+    # kind channels added to that detector: its own channel keeps its weights, the new ones start
+    # fresh; a folder that lists no known masks knows its structure bits, not the device kinds
+    from train.train_analysis import _with_targets
+
+    kinds = ("devices", "device_ett", "device_cvc")
+    wider = _with_targets(net, kinds, seed=0)
+    assert tuple(wider.config.targets) == kinds
+    torch.testing.assert_close(wider.out.weight[0], net.out.weight[0])
+    torch.testing.assert_close(wider.encoder.state_dict(), net.encoder.state_dict())
+    with pytest.raises(ValueError, match="not among"):
+        _with_targets(net, ("device_ett",), seed=0)
+    assert _known([{"mask_known": None}], "segmenter", kinds).tolist() == [[True, False, False]]
+    train_analysis("segmenter", [str(out)], None, str(tmp_path / "kinds"), steps=2, batch_size=2, device="cpu",
+                   targets=kinds, init_from=str(tmp_path / "dev"), name="cxr-devices-test")
+    assert tuple(smallnet.load(tmp_path / "kinds", kind="segmenter")[0].config.targets) == kinds
     card = json.loads((tmp_path / "seg" / "card.json").read_text())
     assert any("Hannover" in d["name"] for d in card["training_data"])
 

@@ -46,6 +46,7 @@ diaphragm-weighted fine-tune (``--init-from assets/models/cxr-segmenter-mini --s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -100,13 +101,40 @@ def _samples(folder: Path, splits: tuple[str, ...] | None = None) -> list[dict[s
     return out
 
 
+def _with_targets(net, targets: tuple[str, ...], seed: int):
+    """A segmenter ``net`` extended to ``targets`` (a superset of its own, which keep their output
+    weights; the new ones start freshly initialised, as :func:`smallnet.build` would).
+
+    Raises:
+        ValueError: a classifier, or ``targets`` lacking one of the network's own.
+    """
+    from engine.analysis import smallnet
+
+    old = tuple(net.config.targets)
+    if net.config.kind == "classifier" or not set(old) <= set(targets):
+        raise ValueError(f"the init's targets {old} are not among {targets}")
+    wider = smallnet.build(dataclasses.replace(net.config, targets=targets), torch.Generator().manual_seed(seed))
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("out.")}
+    wider.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for i, name in enumerate(old):
+            j = targets.index(name)
+            wider.out.weight[j] = net.out.weight[i]
+            wider.out.bias[j] = net.out.bias[i]
+    return wider
+
+
 def _known(samples: list[dict[str, Any]], kind: str, targets: tuple[str, ...]) -> torch.Tensor:
     """(N, T) bool: which labels (classifier) or structures (segmenter) each sample knows."""
+    from train.simulator.anatomy import MASK_BITS
+
     key = "labels_known" if kind == "classifier" else "mask_known"
     rows = []
     for s in samples:
         known = s.get(key)
-        rows.append([True] * len(targets) if known is None else [t in known for t in targets])
+        # a folder that lists nothing knows its structure bits (not the device kinds, which only
+        # real-anatomy pairs on device-free films write)
+        rows.append([t in MASK_BITS for t in targets] if known is None else [t in known for t in targets])
     return torch.tensor(rows, dtype=torch.bool)
 
 
@@ -114,7 +142,7 @@ def _load(samples: list[dict[str, Any]], resolution: int, kind: str, targets: tu
     """Images ``(N, 1, R, R)`` uint8 and targets: labels ``(N, T)`` float or masks ``(N, T, R, R)`` bool."""
     from PIL import Image
 
-    from train.simulator.anatomy import MASK_BITS
+    from train.simulator.anatomy import structure_mask
 
     def one(s: dict[str, Any]):
         with Image.open(s["image"]) as im:
@@ -127,7 +155,7 @@ def _load(samples: list[dict[str, Any]], resolution: int, kind: str, targets: tu
             return img8, torch.tensor([float(s["labels"].get(t) or 0.0) for t in targets])
         with Image.open(s["mask"]) as im:
             bits = np.asarray(im).astype(np.int64)
-        masks = torch.from_numpy(np.stack([(bits >> MASK_BITS[t]) & 1 for t in targets]).astype(np.float32))[None]
+        masks = torch.from_numpy(np.stack([structure_mask(bits, t) for t in targets]).astype(np.float32))[None]
         if masks.shape[-1] != resolution:
             masks = F.interpolate(masks, size=(resolution, resolution), mode="nearest")
         return img8, masks[0] > 0.5
@@ -268,17 +296,18 @@ def train_analysis(kind: str, data: list[str], eval_data: str | list[str] | None
             raise ValueError("the classifier's targets are fixed: " + ", ".join(CLASSIFIER_TARGETS))
         targets = CLASSIFIER_TARGETS
     else:
-        from train.simulator.anatomy import MASK_BITS
+        from train.simulator.anatomy import DEVICE_KIND_TARGETS, MASK_BITS
 
         targets = tuple(targets or SEGMENTER_TARGETS)
-        unknown = [t for t in targets if t not in MASK_BITS]
+        unknown = [t for t in targets if t not in MASK_BITS and t not in DEVICE_KIND_TARGETS]
         if unknown:
-            raise ValueError(f"unknown segmenter targets {unknown}; the masks hold {', '.join(MASK_BITS)}")
+            raise ValueError(f"unknown segmenter targets {unknown}; the masks hold "
+                             f"{', '.join([*MASK_BITS, *DEVICE_KIND_TARGETS])}")
     if init_from:
         net, _ = smallnet.load(init_from, kind=kind)
+        if tuple(net.config.targets) != targets:
+            net = _with_targets(net, targets, seed)
         config = net.config
-        if tuple(config.targets) != targets:
-            raise ValueError(f"{init_from} has targets {config.targets}, expected {targets}")
         resolution = config.input_resolution
         net = net.to(dev)
     else:
@@ -367,7 +396,7 @@ def train_analysis(kind: str, data: list[str], eval_data: str | list[str] | None
     real_used = bool(is_real.any())
     name = name or ("cxr-classifier-mini" if kind == "classifier" else "cxr-segmenter-mini")
     what = ("the five pathology findings, consolidation and support devices" if kind == "classifier"
-            else ("masks: " if targets == ("devices",) else "anatomy masks: ") + ", ".join(targets))
+            else ("masks: " if "devices" in targets else "anatomy masks: ") + ", ".join(targets))
     card = smallnet.SmallNetCard(
         name=name,
         training_data=(SIMULATED_DATA, *(REAL_DATA if real_used else ())),

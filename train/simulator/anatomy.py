@@ -53,6 +53,50 @@ PATIENT's left/right: ``left_lung`` is on the image's right. ``heart`` is inside
 ``mediastinum``; every other pair may overlap only where the anatomy overlaps in projection
 (ribs over lungs, spine behind the mediastinum)."""
 
+DEVICE_KIND_SHIFT = 11
+"""First of the three mask bits that hold, where ``devices`` is set, which kind of device shows
+there (``(value >> DEVICE_KIND_SHIFT) & 7``: a :data:`DEVICE_KIND_LABELS` value, 0 for none or
+unknown). Where devices cross, the one that adds most attenuation is named."""
+
+DEVICE_KIND_LABELS: dict[str, int] = {
+    "ett": 1,
+    "ng_tube": 2,
+    "cvc": 3,
+    "pacemaker": 4,
+    "icd": 4,
+    "ecg": 5,
+    "chest_tube": 6,
+    "sternal_wires": 7,
+}
+"""Label of each simulator device kind in the kind bits (a pacemaker and an ICD are one kind to a
+reader asking for "the pacemaker" to go: a generator in a pocket with leads into the heart)."""
+
+DEVICE_KIND_TARGETS: dict[str, int] = {
+    "device_ett": 1,
+    "device_ng_tube": 2,
+    "device_cvc": 3,
+    "device_pacemaker": 4,
+    "device_ecg": 5,
+    "device_chest_tube": 6,
+    "device_sternal_wires": 7,
+}
+"""Segmenter targets read from the kind bits: ``device_<kind>`` is where that kind of device shows."""
+
+
+def structure_mask(bits: np.ndarray, name: str) -> np.ndarray:
+    """Bool mask of structure ``name`` in a packed mask image: a :data:`MASK_BITS` bit, or a
+    :data:`DEVICE_KIND_TARGETS` kind.
+
+    Raises:
+        KeyError: an unknown name.
+    """
+    bits = np.asarray(bits).astype(np.int64)
+    if name in MASK_BITS:
+        return ((bits >> MASK_BITS[name]) & 1).astype(bool)
+    if name in DEVICE_KIND_TARGETS:
+        return ((bits >> DEVICE_KIND_SHIFT) & 7) == DEVICE_KIND_TARGETS[name]
+    raise KeyError(f"{name!r}; structures are {sorted(MASK_BITS) + sorted(DEVICE_KIND_TARGETS)}")
+
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ import numpy as np
 from engine.errors import InputError
 
 from ..manifest import REAL_FILM_FRACTIONS, ImageRecord, PairRecord, split_for, write_jsonl
-from .anatomy import MASK_BITS, sample_patient
+from .anatomy import DEVICE_KIND_SHIFT, DEVICE_KIND_TARGETS, MASK_BITS, sample_patient
 from .edits import (_DEVICE_REMOVAL, _FINDING_WEIGHTS, _NO_CHANGE, EDIT_KINDS, EDIT_WEIGHTS, GRADE_VALUES,
                     REMOVAL_DEVICES, USER_STYLE_SHARE, _side, _user_instruction, _value, check_edit_kinds,
                     check_removal_devices)
@@ -345,6 +345,7 @@ def write_film_pairs(config: FilmPairsConfig, *, progress: Callable[[int, int], 
     mask_sources = sorted({r["mask_source"] for r in rows if not r.get("skipped") and "mask_source" in r})
     _write_bytes(out / "simulation.json", (json.dumps({
         "kind": "real-anatomy pairs", "settings": settings, "mask_bits": MASK_BITS,
+        "device_kind_bits": {"shift": DEVICE_KIND_SHIFT, "labels": DEVICE_KIND_TARGETS},
         "film_source": "hannover" if hannover else "folder", "mask_sources": mask_sources,
     }, indent=2, sort_keys=True) + "\n").encode())
     skipped = sum(1 for r in rows if r.get("skipped"))
@@ -500,10 +501,12 @@ def _write_film_image(config: FilmPairsConfig, film: Film, split: str, image_id:
         mask_known.append("heart")
     if mask_source == "segmenter":  # a segmenter's own output is no truth to train a segmenter on
         mask_known = []
-    if film.film_id in set(config.device_free):  # every device it shows is a rendered one
+    bits = np.zeros(anatomy.image.shape, dtype=np.uint16)
+    if film.film_id in set(config.device_free):  # every device it shows is a rendered one, of known kind
         masks["devices"] = rendered.devices
         mask_known.append("devices")
-    bits = np.zeros(anatomy.image.shape, dtype=np.uint16)
+        mask_known.extend(DEVICE_KIND_TARGETS)
+        bits |= (rendered.device_kinds.astype(np.uint16) & 7) << DEVICE_KIND_SHIFT
     for name, mask in masks.items():
         bits |= (np.asarray(mask, dtype=np.uint16) << MASK_BITS[name]).astype(np.uint16)
     _write_png(out / "images" / f"{image_id}.png", _quantise(rendered.image, 16))

@@ -747,6 +747,23 @@ def device_field_on_film(a: FilmAnatomy, patient: Patient, devices: tuple[Device
     return ndimage.map_coordinates(field, [w, u], order=1, mode="constant", cval=0.0).astype(F32)
 
 
+def device_kind_labels(a: FilmAnatomy, patient: Patient, devices: tuple[Device, ...], where: np.ndarray) -> np.ndarray:
+    """(S, S) uint8: inside ``where``, the :data:`.anatomy.DEVICE_KIND_LABELS` value of the device
+    that adds most attenuation at each pixel; 0 elsewhere."""
+    from .anatomy import DEVICE_KIND_LABELS
+
+    labels = np.zeros((a.size, a.size), dtype=np.uint8)
+    if not devices or not where.any():
+        return labels
+    if len(devices) == 1:
+        labels[where] = DEVICE_KIND_LABELS[devices[0].kind]
+        return labels
+    fields = np.stack([device_field_on_film(a, patient, (d,))[where] for d in devices])
+    kinds = np.array([DEVICE_KIND_LABELS[d.kind] for d in devices], dtype=np.uint8)
+    labels[where] = kinds[np.argmax(fields, axis=0)]
+    return labels
+
+
 # --------------------------------------------------------------------------------------------
 # Rendering
 
@@ -763,6 +780,9 @@ class FilmRender:
         cardiothoracic_ratio: of ``heart`` and the film's lungs.
         devices: (S, S) bool, where a rendered device shows (raises the display value by at least
             :data:`DEVICE_MASK_CHANGE`); empty without devices.
+        device_kinds: (S, S) uint8, inside ``devices`` the kind of device that shows there (its
+            :data:`.anatomy.DEVICE_KIND_LABELS` value; where devices cross, the one adding most
+            attenuation), 0 elsewhere.
     """
 
     image: np.ndarray
@@ -771,6 +791,7 @@ class FilmRender:
     lungs: np.ndarray
     cardiothoracic_ratio: float
     devices: np.ndarray
+    device_kinds: np.ndarray
 
 
 def render_on_film(a: FilmAnatomy, findings: Findings | None = None, devices: tuple[Device, ...] = (),
@@ -816,6 +837,7 @@ def render_on_film(a: FilmAnatomy, findings: Findings | None = None, devices: tu
     unmark = np.clip(unmark, 0.0, 1.0) * np.clip(2.0 * a.air / a.contrast, 0.0, 1.0)
     delta = fill * a.air + own_fill + extra * a.contrast - unmark * a.markings
     device_mask = np.zeros((size, size), dtype=bool)
+    device_kinds = np.zeros((size, size), dtype=np.uint8)
     if devices:
         if patient is None:
             raise ValueError("devices need the simulator patient their drawings follow")
@@ -824,6 +846,7 @@ def render_on_film(a: FilmAnatomy, findings: Findings | None = None, devices: tu
         delta = delta + device_delta
         touched |= field > 1e-4
         device_mask = (from_logit(a.logit + device_delta) - from_logit(a.logit) >= DEVICE_MASK_CHANGE) & a.content
+        device_kinds = device_kind_labels(a, patient, devices, device_mask)
     touched &= a.content
     image = a.image.copy()
     # the change in display value that the log-odds change makes (so a pixel the logit had to clip,
@@ -838,7 +861,8 @@ def render_on_film(a: FilmAnatomy, findings: Findings | None = None, devices: tu
     support = image != a.image
     lungs = a.lung_mask & ~heart
     return FilmRender(image=image, support=support, heart=heart, lungs=lungs,
-                      cardiothoracic_ratio=_ctr(heart, a.lung_mask), devices=device_mask)
+                      cardiothoracic_ratio=_ctr(heart, a.lung_mask), devices=device_mask,
+                      device_kinds=device_kinds)
 
 
 def change_support(prior: FilmRender, target: FilmRender) -> np.ndarray:
