@@ -6,12 +6,18 @@ films cleared). A device is a thin, bright overlay on anatomy the film also show
 it is removed the way a reader imagines the film without it:
 
 1. :func:`device_removal` reads what the instruction asks: every device removed ("without
-   support devices", "lines and tubes removed"), one named device ("ETT removed": left to the
-   model, since the detector does not tell device kinds apart), or nothing.
-2. A device detector (the bundled ``cxr-devices-mini``, a small U-Net with one ``devices``
-   channel trained on devices rendered on real device-free films and on simulated films; see
-   ``docs/MODEL_CARD.md``) marks the device pixels on the model's canvas (:func:`device_mask`).
-3. :func:`inpaint` fills them from the film around them (biharmonic inpainting,
+   support devices", "lines and tubes removed"), named devices ("ETT removed", "the left chest
+   tube has been removed": :class:`NamedDevice`, with the kind and side), or nothing.
+2. A device detector (the bundled ``cxr-devices-mini``, a small U-Net trained on devices rendered
+   on real device-free films and on simulated films; see ``docs/MODEL_CARD.md``) marks the device
+   pixels on the model's canvas (:func:`device_mask`). Its ``devices`` channel says where a device
+   shows; its ``device_<kind>`` channels say which kind each marked pixel belongs to, so a named
+   removal takes only the marked pixels of that kind, and of a lateral device only the pieces on
+   the named side.
+3. What the detector marks is followed along the thin bright lines connected to it
+   (:func:`grow_along_lines`): real leads are often fainter than the renderings it learned from,
+   and where it finds a stretch of one the rest of the lead goes with it.
+4. :func:`inpaint` fills them from the film around them (biharmonic inpainting,
    :func:`skimage.restoration.inpaint_biharmonic`): anatomy crossing under a thin line
    continues; under a generator box the fill is smooth.
 
@@ -40,6 +46,19 @@ DEVICE_MARGIN = 1
 """Pixels the detected devices are grown by on the canvas before inpainting (a wire's blurred
 edge, and the detector's half-pixel uncertainty at 256 px)."""
 
+GROW_CONTRAST = 0.04
+"""A detected device is followed along thin bright ridges connected to it: pixels at least this
+much brighter than their surroundings (white top-hat, disk of radius 2 px at 256 px)..."""
+
+GROW_SPARSITY = 0.3
+"""...where such ridge pixels are sparse (at most this share of a 15 px window): a line or wire,
+not the lung's vessel pattern. Real leads are often fainter than anything the detector learned
+from; where it finds part of one, the rest of the lead goes with it."""
+
+BLANK_LEVEL = 0.1
+"""Display value below which a pixel is blank film (a border, a collimated edge); lines are not
+followed within 3 px of it."""
+
 NO_CHANGE = "no interval change"
 """What the model is asked when the instruction asked only for the removal."""
 
@@ -55,8 +74,55 @@ _NAMED = re.compile(
     r"catheters?|cardiac\s+monitor)\b",
     re.IGNORECASE,
 )
+_KIND_WORDS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((kind, re.compile(words, re.IGNORECASE)) for kind, words in (
+    ("pacemaker", r"\b(?:pacemakers?|pacer|icd|defibrillator|cardiac\s+(?:device|generator)|generator)(?:\s+(?:leads?|wires?|generator))?\b"),
+    ("ett", r"\b(?:endotracheal|tracheostomy|ett|et\s+tube|breathing\s+tube)\b"),
+    ("ng_tube", r"\b(?:nasogastric|orogastric|ng|og|feeding|gastric|enteric|dobhoff)\b"),
+    ("cvc", r"\b(?:central\s+(?:venous|line)|cvc|picc|subclavian|jugular|swan|venous\s+catheter|catheters?|port)\b"),
+    ("chest_tube", r"\b(?:chest\s+tubes?|pleural\s+(?:drains?|catheters?)|thoracostomy|drains?)\b"),
+    ("ecg", r"\b(?:ecg|ekg|electrodes?|monitoring\s+leads?|cardiac\s+monitor\w*|leads?)\b"),
+    ("sternal_wires", r"\b(?:sternal|sternotomy)\b"),
+))
+"""Words that name each device kind the detector knows, in the order they are tried ("pacemaker
+leads" is the pacemaker, not ECG leads; "pleural catheter" a chest tube, not a central line)."""
+
+_SIDE = re.compile(r"\b(left|right)(?:-sided)?\b", re.IGNORECASE)
+
+LATERAL_KINDS = frozenset({"cvc", "pacemaker", "chest_tube"})
+"""Kinds placed on one side of the patient (insertion side, generator pocket, drained pleura)."""
+
 _GENERAL = re.compile(r"\b(?:devices?|lines?|tubes?|hardware|support|monitoring)\b", re.IGNORECASE)
 _CLAUSES = re.compile(r"[;.\n]+|,\s*(?=[a-z])", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class NamedDevice:
+    """A device an instruction names for removal.
+
+    Attributes:
+        kind: the detector's kind (``ett``, ``ng_tube``, ``cvc``, ``pacemaker``, ``ecg``,
+            ``chest_tube``, ``sternal_wires``), or None when the words name a device the detector
+            does not know (clips, stents, valves, "wires" alone).
+        side: the patient's side named for a lateral device (:data:`LATERAL_KINDS`), else None.
+        words: the clause that names it.
+    """
+
+    kind: str | None
+    side: str | None
+    words: str
+
+    @property
+    def target(self) -> str | None:
+        """The detector channel of this kind (``device_<kind>``), or None."""
+        return None if self.kind is None else f"device_{self.kind}"
+
+    def describe(self) -> str:
+        """Plain words, e.g. "left chest tube", "ETT", "unrecognised device"."""
+        if self.kind is None:
+            return f"device in '{self.words}'"
+        name = {"ett": "endotracheal tube", "ng_tube": "enteric tube", "cvc": "central venous catheter",
+                "ecg": "ECG leads", "chest_tube": "chest tube", "sternal_wires": "sternal wires"}.get(self.kind, self.kind)
+        return f"{self.side} {name}" if self.side else name
 
 
 @dataclass(frozen=True)
@@ -64,13 +130,46 @@ class DeviceRemoval:
     """What an instruction asks of the film's devices (:func:`device_removal`).
 
     Attributes:
-        scope: ``all`` (every device removed: detection and inpainting), ``named`` (one or more
-            named devices: left to the model) or ``none``.
+        scope: ``all`` (every device removed), ``named`` (the devices in ``named``) or ``none``.
         rest: the instruction without its device-removal clauses ("" when nothing else is asked).
+        named: with scope ``named``, the devices named, in the order they were named.
     """
 
     scope: str
     rest: str
+    named: tuple[NamedDevice, ...] = ()
+
+
+def named_devices(clause: str) -> tuple[NamedDevice, ...]:
+    """The devices a removal clause names: every kind its words name (once each), with the side
+    for lateral kinds when the clause names exactly one side; one unknown device when the clause
+    names a device but no kind the detector knows.
+
+    Example:
+        >>> named_devices("The left chest tube has been removed")
+        (NamedDevice(kind='chest_tube', side='left', words='The left chest tube has been removed'),)
+    """
+    spans, rest = [], clause
+    for kind, words in _KIND_WORDS:
+        if (m := words.search(rest)):
+            spans.append((m.start(), m.end(), kind))
+            rest = words.sub(lambda w: " " * len(w.group(0)), rest)  # keep positions
+    spans.sort()
+    sides = [(m.start(), m.group(1).lower()) for m in _SIDE.finditer(clause)]
+    found = []
+    for i, (start, end, kind) in enumerate(spans):
+        side = None
+        if kind in LATERAL_KINDS and sides:
+            if len({s for _, s in sides}) == 1:  # one side named: it is every lateral device's
+                side = sides[0][1]
+            else:  # the side word just before the device's name, else just after it
+                lo = spans[i - 1][1] if i else 0
+                hi = spans[i + 1][0] if i + 1 < len(spans) else len(clause)
+                before = [s for pos, s in sides if lo <= pos < start]
+                after = [s for pos, s in sides if end <= pos < hi]
+                side = before[-1] if before else (after[0] if after else None)
+        found.append(NamedDevice(kind, side, clause))
+    return tuple(found) or (NamedDevice(None, None, clause),)
 
 
 def device_removal(instruction: str) -> DeviceRemoval:
@@ -84,23 +183,29 @@ def device_removal(instruction: str) -> DeviceRemoval:
     Example:
         >>> device_removal("without support devices; stable mild right basilar atelectasis")
         DeviceRemoval(scope='all', rest='stable mild right basilar atelectasis')
-        >>> device_removal("Endotracheal tube removed; otherwise unchanged.").scope
-        'named'
+        >>> device_removal("Endotracheal tube removed; otherwise unchanged.").named[0].kind
+        'ett'
         >>> device_removal("new large left pleural effusion").scope
         'none'
     """
     clauses = [c.strip() for c in _CLAUSES.split(instruction or "") if c.strip()]
-    scope = "none"
-    rest = []
+    every, named, rest = False, [], []
     for clause in clauses:
-        named, general = _NAMED.search(clause), _GENERAL.search(clause)
-        if _REMOVAL.search(clause) and (named or general):
-            scope = "named" if named or scope == "named" else "all"
+        general = _GENERAL.search(clause)
+        names = _NAMED.search(clause) or any(words.search(clause) for _, words in _KIND_WORDS)
+        if _REMOVAL.search(clause) and (names or general):
+            if names:
+                named.extend(named_devices(clause))
+            else:
+                every = True
             continue
         rest.append(clause)
-    if scope == "none":
-        return DeviceRemoval("none", instruction)
-    return DeviceRemoval(scope, "; ".join(c for c in rest if not _is_filler(c)))
+    rest_text = "; ".join(c for c in rest if not _is_filler(c))
+    if every:  # every device goes: naming one as well adds nothing
+        return DeviceRemoval("all", rest_text)
+    if named:
+        return DeviceRemoval("named", rest_text, tuple(named))
+    return DeviceRemoval("none", instruction)
 
 
 def _is_filler(clause: str) -> bool:
@@ -110,7 +215,8 @@ def _is_filler(clause: str) -> bool:
 
 
 def load_device_detector(spec: str | Path = "auto", device: Any = "cpu") -> Any:
-    """The device detector: a one-channel (``devices``) small segmenter folder.
+    """The device detector: a small segmenter folder with a ``devices`` channel (and, to remove
+    named devices, ``device_<kind>`` channels).
 
     Args:
         spec: ``auto`` (the bundled ``cxr-devices-mini``) or a folder.
@@ -132,18 +238,80 @@ def load_device_detector(spec: str | Path = "auto", device: Any = "cpu") -> Any:
     return detector
 
 
-def device_mask(detector: Any, canvas: np.ndarray, content: np.ndarray | None = None) -> np.ndarray:
-    """Bool mask of the devices on ``canvas`` (``(S, S)`` float32 in [0, 1]), grown by
-    :data:`DEVICE_MARGIN`; only inside ``content`` (the letterbox's film area) when given."""
+def detects(detector: Any, named: tuple[NamedDevice, ...]) -> bool:
+    """Whether ``detector`` has a channel for every one of the ``named`` devices."""
+    return all(d.target is not None and d.target in detector.structures for d in named)
+
+
+def device_mask(detector: Any, canvas: np.ndarray, content: np.ndarray | None = None,
+                named: tuple[NamedDevice, ...] = (), *, grow: bool = True) -> np.ndarray:
+    """Bool mask of the devices on ``canvas`` (``(S, S)`` float32 in [0, 1]): the detector's,
+    followed along the thin bright lines connected to them (``grow``, :func:`grow_along_lines`),
+    grown by :data:`DEVICE_MARGIN`; only inside ``content`` (the letterboxed film area) when given.
+
+    With ``named`` devices, only the marked pixels whose most likely kind (among the detector's
+    ``device_<kind>`` channels) is a named one, and of a named side's lateral device only the
+    connected pieces whose centre lies on that side of the film (the patient's right is the
+    image's left, as a frontal film is displayed).
+
+    Raises:
+        InputError: a named device the detector has no channel for.
+    """
     from scipy import ndimage
 
-    probs = detector.probabilities(canvas[None]).numpy()[0, detector.structures.index("devices")]
-    mask = probs >= DETECTION_THRESHOLD
-    if DEVICE_MARGIN and mask.any():
-        mask = ndimage.binary_dilation(mask, iterations=DEVICE_MARGIN)
+    if named and not detects(detector, named):
+        missing = [d.describe() for d in named if d.target not in detector.structures]
+        raise InputError(f"the device detector cannot find {', '.join(missing)}")
+    structures = list(detector.structures)
+    probs = detector.probabilities(canvas[None]).numpy()[0]
+    mask = probs[structures.index("devices")] >= DETECTION_THRESHOLD
     if content is not None:
         mask &= content
+    detected = mask.copy()
+    if named and mask.any():
+        kinds = [s for s in structures if s.startswith("device_")]
+        which = np.argmax(np.stack([probs[structures.index(k)] for k in kinds]), axis=0)
+        cols = np.nonzero(content.any(axis=0))[0] if content is not None and content.any() else np.arange(canvas.shape[1])
+        midline = 0.5 * (cols[0] + cols[-1])
+        keep = np.zeros_like(mask)
+        for d in named:
+            part = mask & (which == kinds.index(d.target))
+            if d.side is not None and part.any():
+                labels, n = ndimage.label(part, structure=np.ones((3, 3)))
+                centres = ndimage.center_of_mass(part, labels, index=np.arange(1, n + 1))
+                on_side = [i + 1 for i, (_, c) in enumerate(centres) if (c < midline) == (d.side == "right")]
+                part = np.isin(labels, on_side)
+            keep |= part
+        mask = keep
+    if grow and mask.any():  # (never into another detected device: that one was not named)
+        mask = grow_along_lines(canvas, mask, content, blocked=detected & ~mask)
+    if DEVICE_MARGIN and mask.any():
+        mask = ndimage.binary_dilation(mask, iterations=DEVICE_MARGIN)
+        if content is not None:
+            mask &= content
     return mask
+
+
+def grow_along_lines(canvas: np.ndarray, seeds: np.ndarray, content: np.ndarray | None = None,
+                     blocked: np.ndarray | None = None) -> np.ndarray:
+    """``seeds`` and every thin bright ridge of ``canvas`` connected to them (8-connected): pixels
+    :data:`GROW_CONTRAST` brighter than their surroundings where such pixels are sparse
+    (:data:`GROW_SPARSITY`), within ``content`` and outside ``blocked``."""
+    from scipy import ndimage
+    from skimage.morphology import disk, white_tophat
+
+    ridge = white_tophat(canvas.astype(np.float32), disk(2)) >= GROW_CONTRAST
+    sparse = ndimage.uniform_filter(ridge.astype(np.float32), 15) <= GROW_SPARSITY
+    # not along a film's blank border or collimation edge (inpainting there pulls the blank in)
+    blank = ndimage.binary_dilation(canvas < BLANK_LEVEL, iterations=3)
+    allowed = (ridge & sparse & ~blank) | seeds
+    if content is not None:
+        allowed &= content
+    if blocked is not None:
+        allowed &= ~blocked | seeds
+    labels, _ = ndimage.label(allowed, structure=np.ones((3, 3)))
+    touched = np.unique(labels[seeds & allowed])
+    return seeds | np.isin(labels, touched[touched > 0])
 
 
 def inpaint(canvas: np.ndarray, mask: np.ndarray) -> np.ndarray:
