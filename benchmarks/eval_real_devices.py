@@ -42,8 +42,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sampler", default="auto", choices=("auto", "fast", "full"))
     parser.add_argument("--devices", default="detect", choices=("detect", "model"),
-                        help="how a removal of every device is made (EditRequest.devices; default detect: "
-                             "detected and inpainted); a named device is always the model's")
+                        help="how a device removal is made (EditRequest.devices; default detect: the devices, "
+                             "or the named ones, detected and inpainted)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 

@@ -68,9 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                            "--edit-mask/--edit-structure/--keep-* replace it")
     edit.add_argument("--devices", default="detect", choices=["detect", "model"],
                       help="instruct: how 'without support devices' is made: detect (default: the bundled device "
-                           "detector's lines and tubes are inpainted, then the model makes the rest of the "
-                           "instruction) or model (the model's own edit); a named device ('ETT removed') is "
-                           "always the model's")
+                           "detector's lines and tubes, or the named ones ('ETT removed', 'left chest tube removed'), "
+                           "are inpainted, then the model makes the rest of the instruction) or model (the "
+                           "model's own edit)")
     edit.add_argument("--text-guidance", type=float, default=7.5, help="text guidance scale (both methods)")
     edit.add_argument("--image-guidance", type=float, default=1.5, help="instruct: image guidance scale")
     edit.add_argument("--scheduler", default="ddim", choices=["ddim", "euler_a", "dpmpp"], help="instruct only")

@@ -182,7 +182,7 @@ def device_removal(instruction: str) -> DeviceRemoval:
 
     Example:
         >>> device_removal("without support devices; stable mild right basilar atelectasis")
-        DeviceRemoval(scope='all', rest='stable mild right basilar atelectasis')
+        DeviceRemoval(scope='all', rest='stable mild right basilar atelectasis', named=())
         >>> device_removal("Endotracheal tube removed; otherwise unchanged.").named[0].kind
         'ett'
         >>> device_removal("new large left pleural effusion").scope

@@ -247,49 +247,64 @@ class InstructPath:
         """A device removal of ``request`` (:mod:`engine.devices`) on its letterboxed prior.
 
         Returns:
-            ``(request the model makes, record, canvas)``: with ``devices="detect"`` and every
-            device removed, the model's request is the rest of the instruction (or "no interval
-            change") and ``canvas`` the prior with the detected devices inpainted; a named
-            device is left to the model (record with a note, canvas None); no removal: the
-            request unchanged, None, None.
+            ``(request the model makes, record, canvas)``: with ``devices="detect"``, the model's
+            request is the rest of the instruction (or "no interval change") and ``canvas`` the
+            prior with the detected devices inpainted (every device, or the named ones); a named
+            device the detector has no channel for is left to the model (record with a note,
+            canvas None); no removal: the request unchanged, None, None.
         """
-        from engine.devices import NO_CHANGE, device_removal
+        from engine.devices import NO_CHANGE, detects, device_removal
 
         removal = device_removal(request.applied_instruction)
         if removal.scope == "none":
             return request, None, None
         if request.devices == "model":
             return request, {"method": "model", "note": "devices='model': the model's own edit"}, None
-        if removal.scope == "named":
+        detector = self._detector()
+        if removal.scope == "named" and not detects(detector, removal.named):
+            unknown = ", ".join(d.describe() for d in removal.named if d.target not in detector.structures)
             return request, {"method": "model", "note": (
-                "a named device is removed by the model (the device detector does not tell device kinds "
-                "apart); 'without support devices' removes every detected device")}, None
+                f"the device detector does not know the {unknown}: the model removes it; "
+                "'without support devices' removes every detected device")}, None
         canvas, transform = prepared
-        filled, area = self.devices_inpainted(canvas, transform)
+        filled, area = self.devices_inpainted(canvas, transform, removal.named)
         rest = removal.rest or NO_CHANGE
         model_request = replace(request, instruction=rest, severity="none")
-        record = {"method": "detect+inpaint", "detector": self._device_detector.name,
+        record = {"method": "detect+inpaint", "detector": detector.name,
                   "inpainting": "biharmonic", "area": round(area, 5), "model_instruction": rest}
+        if removal.named:
+            record["named"] = [d.describe() for d in removal.named]
+            if area == 0.0:
+                record["note"] = f"the detector found no {', '.join(record['named'])} on this film: nothing was removed"
         return model_request, record, filled
 
-    def devices_inpainted(self, canvas: np.ndarray, transform: Any) -> tuple[np.ndarray, float]:
-        """``canvas`` (a letterboxed prior) with the bundled detector's devices inpainted, and the
-        inpainted fraction of the canvas; kept by prior like :meth:`anatomy_region`'s regions.
+    def _detector(self) -> Any:
+        """The device detector, loaded on first use (:func:`engine.devices.load_device_detector`)."""
+        from engine.devices import load_device_detector
+
+        if self._device_detector is None:
+            self._device_detector = load_device_detector("auto")
+        return self._device_detector
+
+    def devices_inpainted(self, canvas: np.ndarray, transform: Any, named: tuple[Any, ...] = ()
+                          ) -> tuple[np.ndarray, float]:
+        """``canvas`` (a letterboxed prior) with the bundled detector's devices (every one, or the
+        ``named`` :class:`engine.devices.NamedDevice` ones) inpainted, and the inpainted fraction
+        of the canvas; kept by prior like :meth:`anatomy_region`'s regions.
 
         Raises:
             InputError: no device detector is installed (the message says what to place where).
         """
         import hashlib
 
-        from engine.devices import device_mask, inpaint, load_device_detector
+        from engine.devices import device_mask, inpaint
 
         canvas = np.ascontiguousarray(canvas, dtype=np.float32)
-        key = ("devices", hashlib.sha256(canvas.tobytes()).hexdigest(), canvas.shape)
+        which = tuple((d.kind, d.side) for d in named)
+        key = ("devices", which, hashlib.sha256(canvas.tobytes()).hexdigest(), canvas.shape)
 
         def inpainted() -> tuple[np.ndarray, float]:
-            if self._device_detector is None:
-                self._device_detector = load_device_detector("auto")
-            mask = device_mask(self._device_detector, canvas, transform.content_mask())
+            mask = device_mask(self._detector(), canvas, transform.content_mask(), named)
             return inpaint(canvas, mask), float(mask.mean())
 
         return self._cached_by_prior(key, inpainted)

@@ -102,12 +102,12 @@ class EditRequest:
             (:mod:`engine.regions`). Devices and "no change" are never confined. Explicit
             ``regions`` given to :meth:`Engine.counterfactuals` take precedence. The workstation
             and the command line default to ``anatomy``.
-        devices: how a removal of every device ("without support devices", "lines and tubes
-            removed") is made: ``detect`` (the default: the bundled device detector marks the
-            devices on the prior and they are inpainted from the film around them; the model
-            then makes the rest of the instruction, or no change, on that prior;
-            :mod:`engine.devices`) or ``model`` (the model's own edit). A named device ("ETT
-            removed") is always the model's: the detector does not tell device kinds apart.
+        devices: how a device removal ("without support devices", "lines and tubes removed",
+            "ETT removed") is made: ``detect`` (the default: the bundled device detector marks the
+            devices, or the named kind's on the named side, on the prior and they are inpainted
+            from the film around them; the model then makes the rest of the instruction, or no
+            change, on that prior; :mod:`engine.devices`) or ``model`` (the model's own edit). A
+            device the detector has no kind for ("clips removed") is the model's.
     """
 
     instruction: str

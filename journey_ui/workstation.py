@@ -130,9 +130,13 @@ class EditResult:
                          "feathered); the model's change elsewhere was left out (Region 'anywhere' shows it).")
         devices = self.provenance.get("devices_removed") or {}
         if devices.get("method") == "detect+inpaint":
-            notes.append(f"Devices: the detector's lines and tubes ({100 * float(devices.get('area', 0)):.1f} % of the "
+            what = (f"the {', '.join(devices['named'])} the detector found" if devices.get("named")
+                    else "the detector's lines and tubes")
+            notes.append(f"Devices: {what} ({100 * float(devices.get('area', 0)):.1f} % of the "
                          "film) were inpainted from the film around them, then the model made "
                          f"'{devices.get('model_instruction', '')}'; a device the detector missed stays.")
+            if devices.get("note"):
+                notes.append(f"Devices: {devices['note']}.")
         elif devices.get("note"):
             notes.append(f"Devices: {devices['note']}.")
         return notes

@@ -870,3 +870,26 @@ def test_served_live_preview_and_refine(fast_engine, analyst, rg1_dicom):
         assert json.loads(out[9])["request"]["confine"] == "none"  # the region choice reaches the engine
     finally:
         demo.close()
+
+
+def test_device_removal_notes_say_what_was_inpainted():
+    """The note beside a device removal names what went: every detected device, the named ones
+    (and when none of them was found), or the model's own edit."""
+    from journey_ui.workstation import EditResult
+
+    def notes(devices: dict) -> list[str]:
+        image = np.zeros((8, 8), np.float32)
+        return EditResult("instruct", "instruction: x", image, image, image,
+                          {"devices_removed": devices}).notes
+
+    every = notes({"method": "detect+inpaint", "area": 0.041, "model_instruction": "no interval change"})
+    assert every == ["Devices: the detector's lines and tubes (4.1 % of the film) were inpainted from the film "
+                     "around them, then the model made 'no interval change'; a device the detector missed stays."]
+    named = notes({"method": "detect+inpaint", "area": 0.004, "model_instruction": "no interval change",
+                   "named": ["endotracheal tube"]})
+    assert named[0].startswith("Devices: the endotracheal tube the detector found (0.4 % of the film)")
+    none = notes({"method": "detect+inpaint", "area": 0.0, "model_instruction": "no interval change",
+                  "named": ["left chest tube"], "note": "the detector found no left chest tube on this film: nothing was removed"})
+    assert none[1] == "Devices: the detector found no left chest tube on this film: nothing was removed."
+    model = notes({"method": "model", "note": "the device detector does not know the device in 'clips removed'"})
+    assert model == ["Devices: the device detector does not know the device in 'clips removed'."]
