@@ -314,6 +314,16 @@ def test_analysis_nets_learn_only_what_a_real_film_knows(tmp_path):
     with pytest.raises(ValueError, match="not among"):
         _with_targets(net, ("device_ett",), seed=0)
     assert _known([{"mask_known": None}], "segmenter", kinds).tolist() == [[True, False, False]]
+    # the kinds are learned as which kind a device pixel is (cross-entropy among the kind
+    # channels there), and not at all from an image that does not know them
+    logits = torch.zeros(2, 3, 8, 8, requires_grad=True)
+    truth = torch.zeros(2, 3, 8, 8, dtype=torch.bool)
+    truth[:, 0, 2:4] = True
+    truth[:, 1, 2:4] = True  # every device pixel is an ETT
+    knows = torch.tensor([[True, True, True], [True, False, False]])
+    _loss("segmenter", logits, truth, known=knows, categorical=[1, 2]).backward()
+    assert logits.grad[1, 1:].abs().sum() == 0 and logits.grad[0, 1:, 4:].abs().sum() == 0
+    assert (logits.grad[0, 1, 2:4] < 0).all() and (logits.grad[0, 2, 2:4] > 0).all()  # the ETT channel up, the other down
     train_analysis("segmenter", [str(out)], None, str(tmp_path / "kinds"), steps=2, batch_size=2, device="cpu",
                    targets=kinds, init_from=str(tmp_path / "dev"), name="cxr-devices-test")
     assert tuple(smallnet.load(tmp_path / "kinds", kind="segmenter")[0].config.targets) == kinds

@@ -166,10 +166,29 @@ def _load(samples: list[dict[str, Any]], resolution: int, kind: str, targets: tu
 
 
 def _loss(kind: str, logits: torch.Tensor, target: torch.Tensor, pos_weight: torch.Tensor | None = None,
-          weights: torch.Tensor | None = None, known: torch.Tensor | None = None) -> torch.Tensor:
+          weights: torch.Tensor | None = None, known: torch.Tensor | None = None,
+          categorical: list[int] | None = None) -> torch.Tensor:
     """Classifier: BCE (``pos_weight`` per label); segmenter: per-structure BCE + soft Dice, each
     structure's term scaled by ``weights`` (normalised to mean 1). ``known`` (B, T) bool leaves
-    the terms of unknown labels or structures out (averaging over the known ones only)."""
+    the terms of unknown labels or structures out (averaging over the known ones only).
+
+    ``categorical`` (segmenter): channels that name one of several exclusive classes where their
+    truth is set (the device kinds: each device pixel is of one kind). They are learned by
+    cross-entropy among themselves on those pixels (of images that know them), added to the
+    other structures' loss, not by their own BCE: which kind a device is, not whether it is one.
+    """
+    if kind == "segmenter" and categorical:
+        rest = [i for i in range(logits.shape[1]) if i not in categorical]
+        base = _loss(kind, logits[:, rest], target[:, rest], weights=None if weights is None else weights[rest],
+                     known=None if known is None else known[:, rest])
+        truth = target[:, categorical]
+        where = truth.any(dim=1)  # (B, R, R): pixels of some class
+        if known is not None:
+            where &= known[:, categorical].all(dim=1)[:, None, None]
+        if not where.any():
+            return base + 0.0 * logits[:, categorical].sum()
+        ce = F.cross_entropy(logits[:, categorical].float(), truth.float().argmax(dim=1), reduction="none")
+        return base + ce[where].mean()
     if kind == "classifier":
         per = F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=pos_weight, reduction="none")
     else:
@@ -338,6 +357,10 @@ def train_analysis(kind: str, data: list[str], eval_data: str | list[str] | None
         if unknown:
             raise ValueError(f"unknown structures in loss weights: {sorted(unknown)}")
         sw = torch.tensor([float(loss_weights.get(t, 1.0)) for t in targets], device=dev)
+    # device kinds: which kind each device pixel is (cross-entropy among them), see _loss
+    categorical = [i for i, t in enumerate(targets) if t.startswith("device_")] if kind == "segmenter" else []
+    if len(categorical) == 1:
+        categorical = []  # one kind alone is a plain structure
     held_sets = []
     for i, folder in enumerate([eval_data] if isinstance(eval_data, str) else list(eval_data or [])):
         real = _is_real_folder(Path(folder))
@@ -379,7 +402,7 @@ def train_analysis(kind: str, data: list[str], eval_data: str | list[str] | None
         x = (x * gain + (0.1 * (torch.rand(batch_size, 1, 1, 1, generator=gen) - 0.5)).to(dev))
         with autocast:
             logits = net(x)
-        loss = _loss(kind, logits, y, pw, sw, k)
+        loss = _loss(kind, logits, y, pw, sw, k, categorical=categorical)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
