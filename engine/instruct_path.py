@@ -262,7 +262,7 @@ class InstructPath:
             return request, {"method": "model", "note": "devices='model': the model's own edit"}, None
         detector = self._detector()
         if removal.scope == "named" and not detects(detector, removal.named):
-            unknown = ", ".join(d.describe() for d in removal.named if d.target not in detector.structures)
+            unknown = ", ".join(d.describe() for d in removal.named if not detects(detector, (d,)))
             return request, {"method": "model", "note": (
                 f"the device detector does not know the {unknown}: the model removes it; "
                 "'without support devices' removes every detected device")}, None
@@ -274,6 +274,7 @@ class InstructPath:
                   "inpainting": "biharmonic", "area": round(area, 5), "model_instruction": rest}
         if removal.named:
             record["named"] = [d.describe() for d in removal.named]
+            record["kinds_by"] = (getattr(detector, "kinds", None) or detector).name
             if area == 0.0:
                 record["note"] = f"the detector found no {', '.join(record['named'])} on this film: nothing was removed"
         return model_request, record, filled

@@ -156,6 +156,25 @@ def test_a_named_device_is_removed_by_its_kind_and_side():
     assert both[lines["left_tube"] | lines["right_tube"]].all() and not both[lines["ett"]].any()
     with pytest.raises(InputError, match="cannot find"):
         device_mask(detector, film, content, device_removal("NG tube removed").named)
+    # the kinds from a second network beside a one-channel detector: the same pixels
+    plain = _BrightLines()
+    plain.kinds = detector
+    for words in ("ETT removed", "the left chest tube has been removed"):
+        named = device_removal(words).named
+        np.testing.assert_array_equal(device_mask(plain, film, content, named), device_mask(detector, film, content, named))
+
+
+def test_the_bundled_detector_comes_with_a_kind_network():
+    from engine.devices import BUNDLED_KINDS, detects
+
+    detector = load_device_detector("auto")
+    assert detector.structures == ("devices",) and detector.kinds is not None
+    assert detects(detector, device_removal("ETT removed").named)
+    assert not detects(detector, device_removal("surgical clips removed").named)
+    assert load_device_detector("auto", kinds=None).kinds is None
+    with pytest.raises(InputError, match="No device-kind network"):
+        load_device_detector("auto", kinds="/nonexistent/kinds")
+    assert BUNDLED_KINDS.is_dir()
 
 
 def test_the_engine_removes_a_named_device_and_says_so(tiny_engine, monkeypatch):
