@@ -134,7 +134,10 @@ def _known(samples: list[dict[str, Any]], kind: str, targets: tuple[str, ...]) -
         known = s.get(key)
         # a folder that lists nothing knows its structure bits (not the device kinds, which only
         # real-anatomy pairs on device-free films write)
-        rows.append([t in MASK_BITS for t in targets] if known is None else [t in known for t in targets])
+        if known is None:
+            rows.append([kind == "classifier" or t in MASK_BITS for t in targets])
+        else:
+            rows.append([t in known for t in targets])
     return torch.tensor(rows, dtype=torch.bool)
 
 
