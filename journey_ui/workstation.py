@@ -130,7 +130,7 @@ class EditResult:
                          "feathered); the model's change elsewhere was left out (Region 'anywhere' shows it).")
         devices = self.provenance.get("devices_removed") or {}
         if devices.get("method") == "detect+inpaint":
-            what = (f"the {', '.join(devices['named'])} the detector found" if devices.get("named")
+            what = (f"the pixels the detector took for the {', '.join(devices['named'])}" if devices.get("named")
                     else "the detector's lines and tubes")
             notes.append(f"Devices: {what} ({100 * float(devices.get('area', 0)):.1f} % of the "
                          "film) were inpainted from the film around them, then the model made "

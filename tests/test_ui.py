@@ -887,7 +887,7 @@ def test_device_removal_notes_say_what_was_inpainted():
                      "around them, then the model made 'no interval change'; a device the detector missed stays."]
     named = notes({"method": "detect+inpaint", "area": 0.004, "model_instruction": "no interval change",
                    "named": ["endotracheal tube"]})
-    assert named[0].startswith("Devices: the endotracheal tube the detector found (0.4 % of the film)")
+    assert named[0].startswith("Devices: the pixels the detector took for the endotracheal tube (0.4 % of the film) were")
     none = notes({"method": "detect+inpaint", "area": 0.0, "model_instruction": "no interval change",
                   "named": ["left chest tube"], "note": "the detector found no left chest tube on this film: nothing was removed"})
     assert none[1] == "Devices: the detector found no left chest tube on this film: nothing was removed."
