@@ -9,7 +9,7 @@ import torch
 
 from engine.analysis import segmentation as seg
 from engine.analysis import smallnet, xrv
-from engine.errors import InputError
+from engine.errors import InputError, ModelFolderError
 
 STRUCTURES = ("right_lung", "left_lung", "heart")
 
@@ -54,6 +54,37 @@ def test_mirror_averages_each_structure_with_its_mirrored_side():
     # an unpaired structure keeps the film's own prediction (a mirrored heart is not averaged in)
     torch.testing.assert_close(mirrored[:, 2], plain[:, 2])
     assert mirrored[0, 2, :, 5:].max() < 0.01
+
+
+def test_test_resolutions_average_the_lungs_over_scales_and_leave_the_heart():
+    """A folder's ``test_resolutions`` run the network at further sizes and average the sided
+    structures' probabilities with the native size's; the heart keeps the native prediction."""
+    seen = []
+
+    class ByScale(seg.Segmenter):
+        name, structures, input_resolution, device = "by-scale", ("left_lung", "right_lung", "heart"), 8, torch.device("cpu")
+        test_resolutions = (16,)
+
+        def logits(self, x01):  # every channel: +2 at the native size, -2 at any other
+            seen.append(x01.shape[-1])
+            value = 2.0 if x01.shape[-1] == 8 else -2.0
+            return torch.full((x01.shape[0], 3, x01.shape[-1], x01.shape[-1]), value)
+
+    s = ByScale()
+    p = s.probabilities(torch.rand(1, 1, 8, 8), mirror=False)
+    assert seen == [8, 16]
+    lo, hi = torch.sigmoid(torch.tensor(-2.0)), torch.sigmoid(torch.tensor(2.0))
+    torch.testing.assert_close(p[:, :2], torch.full((1, 2, 8, 8), float((lo + hi) / 2)))
+    torch.testing.assert_close(p[:, 2], torch.full((1, 8, 8), float(hi)))
+    # a folder asks for them in config.json; sizes the network cannot take are refused
+    config = smallnet.SmallNetConfig(kind="segmenter", targets=STRUCTURES, input_resolution=32, widths=(8, 16),
+                                     groups=4, test_resolutions=[24, 40])
+    assert seg.SmallSegmenter(smallnet.build(config)).test_resolutions == (24, 40)
+    assert smallnet.SmallNetConfig.from_json(config.to_json()) == config
+    for bad in ([30], [32]):
+        with pytest.raises(ModelFolderError, match="test_resolutions"):
+            smallnet.SmallNetConfig(kind="segmenter", targets=STRUCTURES, input_resolution=32, widths=(8, 16),
+                                    groups=4, test_resolutions=bad)
 
 
 def test_small_segmenter_round_trip_and_mask_dicts(tmp_path):

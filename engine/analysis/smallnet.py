@@ -61,6 +61,9 @@ class SmallNetConfig:
             (average and max pooling concatenated before the linear head).
         architecture: ``cxr-small-cnn`` or ``cxr-small-unet`` (follows from ``kind``).
         format_version: folder format version.
+        test_resolutions: a segmenter's further input sides, each run and the probabilities
+            averaged with ``input_resolution``'s (a test-time multi-scale, chosen for a trained
+            network on held-out data; a network trained again starts without it).
     """
 
     kind: str
@@ -72,9 +75,11 @@ class SmallNetConfig:
     pool: str = "avg"
     architecture: str = ""
     format_version: int = FORMAT_VERSION
+    test_resolutions: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "test_resolutions", tuple(int(r) for r in self.test_resolutions))
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         object.__setattr__(self, "input_range", tuple(float(v) for v in self.input_range))
         if self.kind not in ARCHITECTURES:
@@ -93,6 +98,14 @@ class SmallNetConfig:
             raise ModelFolderError(
                 f"input_resolution {self.input_resolution} must be a multiple of 2**{len(self.widths)} (one halving per stage)"
             )
+        step = 2 ** len(self.widths)
+        if any(r < step or r % step for r in self.test_resolutions) or self.input_resolution in self.test_resolutions:
+            raise ModelFolderError(
+                f"test_resolutions {list(self.test_resolutions)} must be multiples of 2**{len(self.widths)} "
+                f"other than input_resolution {self.input_resolution}"
+            )
+        if self.test_resolutions and self.kind != "segmenter":
+            raise ModelFolderError("test_resolutions are for segmenters")
         if self.pool not in POOLS:
             raise ModelFolderError(f"pool must be one of {POOLS}, not {self.pool!r}")
         lo, hi = self.input_range
