@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,9 @@ DIGITS = 4
 """Decimal places of the numbers in ``metrics()``."""
 UNCHANGED = 1e-3
 """A probability change below this counts as none when the attention's finding is picked."""
+
+SEGMENTATION_CACHE = 4
+"""How many images' anatomy masks an :class:`Analyst` keeps (by content) for the next analyses."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +259,7 @@ class Analyst:
         self._lock = threading.RLock()
         self._models: dict[str, Any] = {}
         self._status: dict[str, str] = {}
+        self._masks: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -470,11 +475,30 @@ class Analyst:
         return probs, cams, finding
 
     def _segment(self, segmenter: Segmenter, *images: np.ndarray) -> list[dict[str, np.ndarray]]:
-        """Masks of each image, in one batched pass."""
+        """Masks of each image (read-only arrays), the ones not segmented lately in one batched pass.
+
+        The last :data:`SEGMENTATION_CACHE` images' masks are kept by content: every edit of a film
+        analyses the same prior, so its masks are made once, not once per edit."""
+        import hashlib
+
         import torch
 
+        keys = [(id(segmenter), img.shape, str(img.dtype), hashlib.blake2b(np.ascontiguousarray(img).tobytes(),
+                                                                          digest_size=16).digest())
+                for img in images]
         with self._lock, torch.inference_mode(False):
-            return segmenter.segment(np.stack(images)[:, None])
+            todo = [k for k, key in enumerate(keys) if key not in self._masks]
+            if todo:
+                for k, masks in zip(todo, segmenter.segment(np.stack([images[k] for k in todo])[:, None])):
+                    for mask in masks.values():
+                        mask.flags.writeable = False
+                    self._masks[keys[k]] = masks
+            for key in keys:
+                self._masks.move_to_end(key)
+            out = [dict(self._masks[key]) for key in keys]
+            while len(self._masks) > SEGMENTATION_CACHE:
+                self._masks.popitem(last=False)
+            return out
 
     def structure_mask(self, image: np.ndarray, names: str | Sequence[str]) -> np.ndarray:
         """The union of named anatomical structures on ``image``, as a bool ``(H, W)`` mask.

@@ -189,6 +189,30 @@ def test_loaded_models_are_taken_as_they_are_and_grad_cam_works_under_no_grad(pr
     assert a.simulated_only() == [] and not any("simulated" in n for n in r.notes)  # their cards name no data
 
 
+def test_the_priors_masks_are_made_once_for_every_edit_of_it(prior):
+    """Each edit of a film analyses the same prior: its segmentation is kept, not redone."""
+    import torch
+
+    from engine.analysis import smallnet
+    from engine.analysis.segmentation import SmallSegmenter
+
+    seg = SmallSegmenter(smallnet.build(smallnet.SmallNetConfig(
+        kind="segmenter", targets=("right_lung", "heart"), input_resolution=32, widths=(8, 16), groups=4),
+        torch.Generator().manual_seed(0)), smallnet.SmallNetCard(name="tiny-seg"))
+    segmented = []
+    real_segment = seg.segment
+    seg.segment = lambda images, *a, **k: segmented.append(len(images)) or real_segment(images, *a, **k)
+    a = Analyst(None, seg)
+    edits = [np.clip(prior + d, 0, 1).astype(np.float32) for d in (0.05, 0.1, 0.05)]
+    results = [a.analyse(prior, cf) for cf in edits]
+    assert segmented == [2, 1]  # the prior and the first edit, then the second edit alone (the third: both kept)
+    assert results[0].dice == results[2].dice
+    fresh = Analyst(None, seg).analyse(prior, edits[1])
+    assert fresh.dice == results[1].dice
+    np.testing.assert_array_equal(fresh.segmentation_rgb, results[1].segmentation_rgb)
+    masks = a._segment(seg, prior)[0]
+    assert not masks["heart"].flags.writeable  # kept masks cannot be changed by a caller
+
 def test_each_networks_stated_limits_go_beside_its_numbers(prior):
     import torch
 
