@@ -61,9 +61,10 @@ class SmallNetConfig:
             (average and max pooling concatenated before the linear head).
         architecture: ``cxr-small-cnn`` or ``cxr-small-unet`` (follows from ``kind``).
         format_version: folder format version.
-        test_resolutions: a segmenter's further input sides, each run and the probabilities
-            averaged with ``input_resolution``'s (a test-time multi-scale, chosen for a trained
-            network on held-out data; a network trained again starts without it).
+        test_resolutions: a segmenter's further input sides, each run and its sided structures'
+            (the lungs') probabilities averaged with ``input_resolution``'s (a test-time
+            multi-scale, chosen for a trained network on held-out data; a network trained again
+            starts without it).
     """
 
     kind: str
